@@ -1,0 +1,71 @@
+/**
+ * The one interface everything in rblock talks to: a byte-addressed,
+ * fixed-size device. Formats, filters, servers and tools only see this.
+ */
+
+export interface Capabilities {
+  readonly readOnly: boolean;
+  /** Flush has a real effect (durability barrier). */
+  readonly flush: boolean;
+  /** The driver honours FUA natively (else it is emulated with flush). */
+  readonly fua: boolean;
+  /** writeZeroes is efficient (no data written). */
+  readonly zero: boolean;
+  /** discard frees space. */
+  readonly discard: boolean;
+  /** blockStatus reports real allocation (not "all data"). */
+  readonly blockStatus: boolean;
+}
+
+export interface IoOpts {
+  /** Force unit access: durable before the call resolves. */
+  fua?: boolean;
+  /** For writeZeroes: the range may be deallocated if it then reads as zeros. */
+  mayTrim?: boolean;
+}
+
+/**
+ * One run of a device's mapping, as `qemu-img map` and NBD block status see
+ * it. Half-open: [offset, offset + length).
+ */
+export interface Extent {
+  offset: number;
+  length: number;
+  /** Reads as zeros. */
+  zero: boolean;
+  /** No data stored for it (NBD_STATE_HOLE; qemu's `data: false`). */
+  hole: boolean;
+  /** Allocated in some layer of the chain (qemu's `present`). Defaults to !hole. */
+  allocated?: boolean;
+  /** Which chain layer answers for it: 0 = the top image. */
+  depth?: number;
+  /** Offset in the host file where the data lives (not for compressed data). */
+  hostOffset?: number;
+  /** The host file that holds the data (for `map`'s human output). */
+  file?: string;
+  /** The data is stored compressed. */
+  compressed?: boolean;
+}
+
+export interface BlockDevice extends AsyncDisposable {
+  readonly size: number;
+  readonly caps: Capabilities;
+  /** Name of the format or backend, e.g. "qcow2", "raw", "memory". */
+  readonly format: string;
+  /** The file behind the device, when there is one. */
+  readonly path?: string;
+
+  /** Fill buf entirely from offset, or throw. */
+  pread(buf: Uint8Array, offset: number, opts?: IoOpts): Promise<void>;
+  /** Write buf entirely at offset, or throw. */
+  pwrite(buf: Uint8Array, offset: number, opts?: IoOpts): Promise<void>;
+  writeZeroes(offset: number, length: number, opts?: IoOpts): Promise<void>;
+  discard(offset: number, length: number, opts?: IoOpts): Promise<void>;
+  flush(): Promise<void>;
+  /**
+   * Extents covering a prefix of [offset, offset + length): the first starts
+   * at offset, they are contiguous and there is at least one.
+   */
+  blockStatus(offset: number, length: number): Promise<Extent[]>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,126 @@
+/**
+ * The rblock command line: a thin adapter over the library. Option names
+ * follow qemu-img where it has them (-f, --output, --backing-chain).
+ */
+import { readFileSync } from 'node:fs';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { BlockError } from '../block/errors.js';
+import { parseSize } from '../util/size.js';
+import { reportError } from './errors.js';
+import { runInfo } from './info.js';
+import { runInspect } from './inspect.js';
+import { processIo, type Io } from './io.js';
+import { runMap } from './map.js';
+import { runRead } from './read.js';
+
+function version(): string {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+    return pkg.version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+function sizeArg(what: string) {
+  return (v: string): number => {
+    try {
+      return parseSize(v, what);
+    } catch (e) {
+      throw new InvalidArgumentError(e instanceof Error ? e.message : String(e));
+    }
+  };
+}
+
+const outputOption = () => new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human');
+
+export function buildProgram(io: Io, setExit: (code: number) => void): Command {
+  const program = new Command();
+  program
+    .name('rblock')
+    .description('Virtual disk images and block devices: inspect, map and read qcow2 and raw images.')
+    .version(version(), '-V, --version')
+    .option('--debug', 'print stack traces with errors')
+    .showHelpAfterError('(run with --help for usage)')
+    .configureOutput({ writeOut: (s) => void io.out(s), writeErr: (s) => io.err(s) })
+    .exitOverride();
+
+  program
+    .command('info')
+    .description('Show what an image is: format, sizes, backing file, qcow2 features, snapshots, bitmaps (like qemu-img info).')
+    .argument('<image>', 'image file')
+    .option('-f, --format <fmt>', 'image format (default: probe)')
+    .addOption(outputOption())
+    .option('--backing-chain', 'also show every image of the backing chain')
+    .addHelpText('after', '\nExamples:\n  rblock info disk.qcow2\n  rblock info --output json --backing-chain overlay.qcow2\n')
+    .action(async (image: string, o: { format?: string; output: 'human' | 'json'; backingChain?: boolean }) => {
+      setExit(await runInfo(image, o, io));
+    });
+
+  program
+    .command('map')
+    .description('Show which guest ranges hold data, zeros or nothing, and where they live (like qemu-img map).')
+    .argument('<image>', 'image file')
+    .option('-f, --format <fmt>', 'image format (default: probe)')
+    .addOption(outputOption())
+    .addHelpText('after', '\nJSON entries: {start, length, depth, present, zero, data[, offset]}, as qemu-img map --output=json.\n')
+    .action(async (image: string, o: { format?: string; output: 'human' | 'json' }) => {
+      setExit(await runMap(image, o, io));
+    });
+
+  program
+    .command('inspect')
+    .description('Decode the on-disk structures: header fields with offsets, extensions, L1/L2 entries, refcounts.')
+    .argument('<image>', 'qcow2 image file')
+    .option('-f, --format <fmt>', 'image format (default: probe)')
+    .option('--l1', 'list the allocated L1 entries')
+    .option('--l2 <index>', 'decode the L2 table of this L1 index, entry by entry', (v) => {
+      const n = Number(v);
+      if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected an L1 index (a whole number)');
+      return n;
+    })
+    .option('--refcounts', 'show the refcount table and a summary of each refcount block')
+    .addOption(outputOption())
+    .addHelpText('after', '\nExamples:\n  rblock inspect disk.qcow2 --l1\n  rblock inspect disk.qcow2 --l2 0 --output json\n')
+    .action(async (image: string, o: { format?: string; l1?: boolean; l2?: number; refcounts?: boolean; output: 'human' | 'json' }) => {
+      setExit(await runInspect(image, o, io));
+    });
+
+  program
+    .command('read')
+    .description('Read guest bytes: the whole disk (flatten to raw) or a range, to a file, stdout or a hexdump.')
+    .argument('<image>', 'image file')
+    .option('-f, --format <fmt>', 'image format (default: probe)')
+    .option('--offset <n>', 'guest offset (K, M, G, T suffixes)', sizeArg('offset'))
+    .option('--length <n>', 'number of bytes (default: to the end)', sizeArg('length'))
+    .option('-o, --output <file>', 'write to this file (sparse: zero runs become holes)')
+    .option('--hexdump', 'print in the hexdump -C layout, with guest offsets')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  rblock read disk.qcow2 --output disk.raw\n  rblock read disk.qcow2 --offset 1M --length 512 --hexdump\n',
+    )
+    .action(async (image: string, o: { format?: string; offset?: number; length?: number; output?: string; hexdump?: boolean }) => {
+      setExit(await runRead(image, o, io));
+    });
+
+  return program;
+}
+
+/** Run the CLI with these arguments; resolves to the exit code. */
+export async function main(argv: string[], io: Io = processIo): Promise<number> {
+  let code = 0;
+  const program = buildProgram(io, (c) => (code = c));
+  const debug = argv.includes('--debug');
+  if (argv.length === 0) {
+    program.outputHelp();
+    return 0;
+  }
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return code;
+  } catch (e) {
+    if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 1;
+    if ((e as NodeJS.ErrnoException)?.code === 'EPIPE') return 0;
+    return reportError(e instanceof Error || e instanceof BlockError ? e : new Error(String(e)), debug, io.err);
+  }
+}

@@ -1,0 +1,350 @@
+/**
+ * A qcow2 image as one layer of a chain: its own mapping (L1 -> L2 -> data),
+ * reads of data and compressed clusters, and the facts `info` reports.
+ * Backing files and the external data file are opened here; chain.ts does
+ * the falling-through.
+ */
+import type { BlockDevice } from '../../block/device.js';
+import { BlockError, fromSystemError } from '../../block/errors.js';
+import { HostFile } from '../../block/file.js';
+import { dataView } from '../../util/bytes.js';
+import { resolveRelative } from '../chain.js';
+import type { ImageInfo, Layer, LayerRun } from '../layer.js';
+import type { OpenContext } from '../registry.js';
+import { readBitmaps } from './bitmap.js';
+import { LruCache } from './cache.js';
+import { decompressCluster } from './compress.js';
+import * as C from './constants.js';
+import { readHeader, type Qcow2Header } from './header.js';
+import { corruptEntry, L1Table } from './l1l2.js';
+import { readSnapshots } from './snapshot.js';
+
+/** A compressed run carries where its bytes are; data runs carry hostOffset. */
+interface Qcow2Run extends LayerRun {
+  clusterStart?: number;
+  compressedOffset?: number;
+  compressedBytes?: number;
+}
+
+const L2_CACHE_BYTES = 16 << 20;
+const HI_OFFSET_MASK = 0x00ff_ffff;
+const LO_OFFSET_MASK = 0xffff_fe00;
+
+export class Qcow2Layer implements Layer {
+  readonly format = 'qcow2';
+  readonly path: string;
+  readonly size: number;
+  readonly readOnly: boolean;
+  private readonly l2Cache: LruCache<number, Uint8Array>;
+  private readonly clusterCache = new LruCache<number, Uint8Array>(8);
+  private readonly l1Span: number;
+
+  private constructor(
+    readonly file: HostFile,
+    readonly header: Qcow2Header,
+    readonly l1: L1Table,
+    readonly dataFile: HostFile | null,
+    readonly backing: BlockDevice | null,
+    /** The backing file name as resolved (for info), or null. */
+    readonly backingPath: string | null,
+  ) {
+    this.path = file.path;
+    this.size = header.size;
+    this.readOnly = true;
+    this.l2Cache = new LruCache(Math.max(4, Math.floor(L2_CACHE_BYTES / header.clusterSize)));
+    this.l1Span = header.clusterSize * header.l2Entries;
+  }
+
+  static async open(file: HostFile, ctx: OpenContext): Promise<Qcow2Layer> {
+    const h = await readHeader(file);
+    const l1 = await L1Table.load(file, h);
+    if (!ctx.readOnly) {
+      throw new BlockError('not-supported', `${file.path}: writing qcow2 images is not supported yet; open it read-only`, {
+        path: file.path,
+        op: 'open',
+      });
+    }
+    let dataFile: HostFile | null = null;
+    let backing: BlockDevice | null = null;
+    let backingPath: string | null = null;
+    try {
+      if ((h.incompatible & C.INCOMPAT_DATA_FILE) !== 0n) {
+        if (h.dataFile === null) {
+          throw new BlockError('invalid-image', `${file.path}: qcow2 image uses an external data file but does not name it`, {
+            path: file.path,
+            structure: 'external data file name extension',
+          });
+        }
+        // Relative to the image's directory, like a backing file (qemu 7.2 uses the working directory).
+        const dpath = resolveRelative(file.path, h.dataFile);
+        try {
+          dataFile = await HostFile.open(dpath, true);
+        } catch (e) {
+          const err = fromSystemError(e, dpath, 'open');
+          throw new BlockError(
+            err.kind,
+            `${file.path}: external data file '${h.dataFile}' (${dpath}): ${err.message.replace(`${dpath}: `, '')}`,
+            {
+              path: file.path,
+              structure: 'external data file',
+            },
+            e,
+          );
+        }
+      }
+      const override = ctx.options.backing;
+      if (override !== null && (override !== undefined || h.backingFile !== null)) {
+        const name = override ?? (h.backingFile as string);
+        backingPath = override !== undefined ? name : resolveRelative(file.path, name);
+        const fmt = override !== undefined ? ctx.options.backingFormat : (h.backingFormat ?? undefined);
+        try {
+          backing = await ctx.openBacking(backingPath, fmt, file.path);
+        } catch (e) {
+          if (e instanceof BlockError && e.kind === 'not-found' && e.context.path === backingPath) {
+            throw new BlockError(
+              'not-found',
+              `${file.path}: backing file '${name}' not found (looked for ${backingPath})`,
+              {
+                path: file.path,
+                structure: 'backing file',
+              },
+              e,
+            );
+          }
+          throw e;
+        }
+      }
+    } catch (e) {
+      await dataFile?.close();
+      throw e;
+    }
+    return new Qcow2Layer(file, h, l1, dataFile, backing, backingPath);
+  }
+
+  /** The L2 table at `offset`, via the bounded cache. */
+  l2Table(offset: number, l1Index: number): Promise<Uint8Array> {
+    return this.l2Cache.get(offset, async () => {
+      const h = this.header;
+      if (offset % h.clusterSize !== 0) {
+        throw corruptEntry(
+          this.path,
+          `L1 entry ${l1Index}`,
+          `points to an L2 table at unaligned offset 0x${offset.toString(16)}`,
+          h.l1TableOffset + l1Index * 8,
+        );
+      }
+      if (offset + h.clusterSize > this.file.size && offset >= this.file.size) {
+        throw corruptEntry(
+          this.path,
+          `L1 entry ${l1Index}`,
+          `points to an L2 table at 0x${offset.toString(16)}, past the end of the file (${this.file.size} bytes)`,
+          h.l1TableOffset + l1Index * 8,
+        );
+      }
+      const t = new Uint8Array(h.clusterSize);
+      await this.file.readAt(t, offset);
+      return t;
+    });
+  }
+
+  private checkL1(i: number): void {
+    const e = this.l1.entry(i);
+    if (e.reserved) {
+      throw corruptEntry(
+        this.path,
+        `L1 entry ${i}`,
+        `has reserved bits set (0x${e.raw.toString(16).padStart(16, '0')})`,
+        this.header.l1TableOffset + i * 8,
+      );
+    }
+  }
+
+  async map(offset: number, length: number): Promise<LayerRun[]> {
+    const h = this.header;
+    const cs = h.clusterSize;
+    const runs: Qcow2Run[] = [];
+    const push = (r: Qcow2Run): void => {
+      const last = runs[runs.length - 1];
+      if (
+        last !== undefined &&
+        last.kind === r.kind &&
+        r.kind !== 'compressed' &&
+        (r.kind !== 'data' || (last.hostOffset as number) + last.length === r.hostOffset)
+      ) {
+        last.length += r.length;
+      } else runs.push(r);
+    };
+    const end = offset + length;
+    const own = this.dataFile === null;
+    const hostFile = own ? this.path : (this.dataFile as HostFile).path;
+    const hostSize = own ? this.file.size : Infinity;
+    let pos = offset;
+    while (pos < end) {
+      const l1i = Math.floor(pos / this.l1Span);
+      const spanEnd = Math.min(end, (l1i + 1) * this.l1Span);
+      const l2Off = l1i < h.l1Size ? (this.l1.entries[l1i] as number) : 0;
+      if (l2Off === 0) {
+        push({ offset: pos, length: spanEnd - pos, kind: 'unallocated' });
+        pos = spanEnd;
+        continue;
+      }
+      this.checkL1(l1i);
+      const table = await this.l2Table(l2Off, l1i);
+      const dv = dataView(table);
+      while (pos < spanEnd) {
+        const ci = Math.floor(pos / cs);
+        const cStart = ci * cs;
+        const cEnd = Math.min(cStart + cs, spanEnd);
+        const idx = ci % h.l2Entries;
+        const base = idx * h.l2EntrySize;
+        const hi = dv.getUint32(base);
+        const lo = dv.getUint32(base + 4);
+        const where = (msg: string): BlockError =>
+          corruptEntry(this.path, `L2 table at 0x${l2Off.toString(16)} entry ${idx} (guest offset ${cStart})`, msg, l2Off + base);
+        if ((hi & 0x4000_0000) !== 0) {
+          // Compressed (§4.2): x = 62 - (cluster_bits - 8) bits of byte offset, then "additional sectors".
+          const raw = dv.getBigUint64(base);
+          const x = BigInt(62 - (h.clusterBits - 8));
+          const coff = Number(raw & ((1n << x) - 1n));
+          const sectors = Number((raw >> x) & ((1n << (62n - x)) - 1n)) + 1;
+          if (h.dataFile !== null) throw where('is compressed, which is not allowed with an external data file');
+          if (coff >= this.file.size) throw where(`points to compressed data at 0x${coff.toString(16)}, past the end of the file`);
+          push({
+            offset: pos,
+            length: cEnd - pos,
+            kind: 'compressed',
+            clusterStart: cStart,
+            compressedOffset: coff,
+            compressedBytes: sectors * 512 - (coff % 512),
+          });
+          pos = cEnd;
+          continue;
+        }
+        if ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0)
+          throw where(`has reserved bits set (0x${dv.getBigUint64(base).toString(16).padStart(16, '0')})`);
+        const host = (hi & HI_OFFSET_MASK) * 2 ** 32 + ((lo & LO_OFFSET_MASK) >>> 0);
+        const allocated = host !== 0 || ((hi & 0x8000_0000) !== 0 && !own);
+        if (allocated) {
+          if (host % cs !== 0) throw where(`points to unaligned host offset 0x${host.toString(16)}`);
+          if (host >= hostSize) throw where(`points to host offset 0x${host.toString(16)}, past the end of the file (${hostSize} bytes)`);
+        }
+        if (!h.extendedL2) {
+          if ((lo & 1) !== 0) push({ offset: pos, length: cEnd - pos, kind: 'zero' });
+          else if (allocated) push({ offset: pos, length: cEnd - pos, kind: 'data', hostOffset: host + (pos - cStart), file: hostFile });
+          else push({ offset: pos, length: cEnd - pos, kind: 'unallocated' });
+          pos = cEnd;
+          continue;
+        }
+        // Extended L2 (§4.3): 32 subclusters, each allocated, zero or unallocated.
+        if ((lo & 1) !== 0) throw where('has the zero flag set, which extended L2 entries do not use');
+        const alloc = dv.getUint32(base + 12);
+        const zero = dv.getUint32(base + 8);
+        if ((alloc & zero) !== 0) throw where('has subclusters marked both allocated and zero');
+        if (alloc !== 0 && !allocated) throw where('has allocated subclusters but no host offset');
+        const sc = cs / 32;
+        while (pos < cEnd) {
+          const si = Math.floor((pos - cStart) / sc);
+          const sEnd = Math.min(cStart + (si + 1) * sc, cEnd);
+          const bit = 1 << si;
+          if ((zero & bit) !== 0) push({ offset: pos, length: sEnd - pos, kind: 'zero' });
+          else if ((alloc & bit) !== 0)
+            push({ offset: pos, length: sEnd - pos, kind: 'data', hostOffset: host + (pos - cStart), file: hostFile });
+          else push({ offset: pos, length: sEnd - pos, kind: 'unallocated' });
+          pos = sEnd;
+        }
+      }
+    }
+    return runs;
+  }
+
+  async readRun(buf: Uint8Array, run: LayerRun, offset: number): Promise<void> {
+    const r = run as Qcow2Run;
+    if (this.header.cryptMethod !== 0) {
+      throw new BlockError(
+        'unsupported-feature',
+        `${this.path}: the image is encrypted (crypt_method ${this.header.cryptMethod}); rblock cannot decrypt it`,
+        {
+          path: this.path,
+          structure: 'qcow2 header',
+          field: 'crypt_method',
+          op: 'read',
+        },
+      );
+    }
+    if (r.kind === 'data') {
+      const f = this.dataFile ?? this.file;
+      await f.readAt(buf, (r.hostOffset as number) + (offset - r.offset));
+      return;
+    }
+    const start = r.clusterStart as number;
+    const cluster = await this.clusterCache.get(start, () => this.decompress(r));
+    buf.set(cluster.subarray(offset - start, offset - start + buf.length));
+  }
+
+  private async decompress(r: Qcow2Run): Promise<Uint8Array> {
+    const coff = r.compressedOffset as number;
+    // The sector count bounds the input at 2 clusters at most (§4.2), whatever the entry says.
+    const input = new Uint8Array(Math.min(r.compressedBytes as number, this.file.size - coff));
+    await this.file.readAt(input, coff);
+    return decompressCluster(this.header.compressionType, input, this.header.clusterSize, { path: this.path, offset: coff });
+  }
+
+  async info(): Promise<ImageInfo> {
+    const h = this.header;
+    const info: ImageInfo = {
+      'virtual-size': h.size,
+      filename: this.path,
+      format: 'qcow2',
+      'actual-size': await this.file.allocatedBytes(),
+    };
+    if (h.cryptMethod !== 0) (info as unknown as Record<string, unknown>)['encrypted'] = true;
+    info['cluster-size'] = h.clusterSize;
+    if (h.backingFile !== null) {
+      info['backing-filename'] = h.backingFile;
+      info['full-backing-filename'] = this.backingPath ?? resolveRelative(this.path, h.backingFile);
+      if (h.backingFormat !== null) info['backing-filename-format'] = h.backingFormat;
+    }
+    const snaps = await readSnapshots(this.file, h);
+    if (snaps.length > 0) {
+      info.snapshots = snaps.map((s) => ({
+        icount: s.icount ?? 0,
+        'vm-clock-nsec': s.vmClockNsec % 1e9,
+        name: s.name,
+        'date-sec': s.dateSec,
+        'date-nsec': s.dateNsec,
+        'vm-clock-sec': Math.floor(s.vmClockNsec / 1e9),
+        id: s.id,
+        'vm-state-size': s.vmStateSize,
+      }));
+    }
+    const data: Record<string, unknown> = {
+      compat: h.version === 2 ? '0.10' : '1.1',
+      'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib',
+    };
+    if (h.version === 3) data['lazy-refcounts'] = (h.compatible & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
+    const bitmaps = await readBitmaps(this.file, h);
+    if (bitmaps.length > 0) data['bitmaps'] = bitmaps.map((b) => ({ flags: b.flagNames, name: b.name, granularity: b.granularity }));
+    data['refcount-bits'] = 2 ** h.refcountOrder;
+    if (h.dataFile !== null) {
+      data['data-file'] = h.dataFile;
+      data['data-file-raw'] = (h.autoclear & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    }
+    if (h.version === 3) {
+      data['corrupt'] = (h.incompatible & C.INCOMPAT_CORRUPT) !== 0n;
+      data['extended-l2'] = h.extendedL2;
+    }
+    info['format-specific'] = { type: 'qcow2', data };
+    info['dirty-flag'] = (h.incompatible & C.INCOMPAT_DIRTY) !== 0n;
+    return info;
+  }
+
+  async close(): Promise<void> {
+    this.l2Cache.clear();
+    this.clusterCache.clear();
+    try {
+      await this.dataFile?.close();
+    } finally {
+      await this.file.close();
+    }
+  }
+}

@@ -1,0 +1,53 @@
+/** raw: the file is the guest disk, byte for byte. */
+import type { BlockDevice } from '../../block/device.js';
+import type { HostFile } from '../../block/file.js';
+import { GenericDevice, type Driver } from '../../block/generic.js';
+import type { Extent, IoOpts } from '../../block/device.js';
+import type { FormatDriver } from '../registry.js';
+
+export class RawDriver implements Driver {
+  readonly format = 'raw';
+  readonly path: string;
+  readonly readOnly: boolean;
+  readonly size: number;
+  readonly caps = { flush: true, fua: false, zero: false, discard: false, blockStatus: true };
+
+  constructor(readonly file: HostFile) {
+    this.path = file.path;
+    this.readOnly = file.readOnly;
+    this.size = file.size;
+  }
+
+  pread(buf: Uint8Array, offset: number): Promise<void> {
+    return this.file.readAt(buf, offset);
+  }
+
+  pwrite(buf: Uint8Array, offset: number, _opts: IoOpts): Promise<void> {
+    return this.file.writeAt(buf, offset);
+  }
+
+  flush(): Promise<void> {
+    return this.file.sync();
+  }
+
+  /** Node has no SEEK_HOLE, so a raw file reports all data (like qemu without lseek support). */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return [{ offset, length, zero: false, hole: false, allocated: true, depth: 0, hostOffset: offset, file: this.path }];
+  }
+
+  async info(): Promise<{ 'virtual-size': number; filename: string; format: string; 'actual-size': number }> {
+    return { 'virtual-size': this.size, filename: this.path, format: 'raw', 'actual-size': await this.file.allocatedBytes() };
+  }
+
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}
+
+export const rawFormat: FormatDriver = {
+  name: 'raw',
+  probe: () => 1,
+  async open(file: HostFile): Promise<BlockDevice> {
+    return new GenericDevice(new RawDriver(file));
+  },
+};

@@ -1,0 +1,45 @@
+/**
+ * Formats we recognise only to refuse them with a clear message, so that a
+ * VHDX or a Parallels image is never silently served as raw bytes. VHD (vpc)
+ * and VMDK move out of this list when their drivers land (issues 6 and 7).
+ */
+import type { ProbeInput, RecognisedFormat } from './registry.js';
+
+function ascii(buf: Uint8Array, off: number, len: number): string {
+  if (buf.length < off + len) return '';
+  return String.fromCharCode(...buf.subarray(off, off + len));
+}
+
+function magic(name: string, description: string, test: (p: ProbeInput) => boolean, score = 100): RecognisedFormat {
+  return { name, description, probe: (p) => (test(p) ? score : 0) };
+}
+
+export const RECOGNISED_ONLY: readonly RecognisedFormat[] = [
+  // VHD: a copy of the footer at offset 0 (dynamic/differencing) or the footer in the last 512 bytes (fixed).
+  // Very old fixed VHDs have a 511-byte footer, hence offset 1 of the last 512 bytes.
+  magic(
+    'vpc',
+    'VHD (Virtual PC)',
+    (p) => ascii(p.head, 0, 8) === 'conectix' || ascii(p.tail, 0, 8) === 'conectix' || ascii(p.tail, 1, 8) === 'conectix',
+  ),
+  // VMDK: hosted sparse extent magic 'KDMV', COWD, or a text descriptor.
+  magic('vmdk', 'VMDK', (p) => {
+    const m = ascii(p.head, 0, 4);
+    if (m === 'KDMV' || m === 'COWD') return true;
+    const text = ascii(p.head, 0, Math.min(p.head.length, 1024));
+    return /^#\s*Disk DescriptorFile/m.test(text) || /createType\s*=/.test(text);
+  }),
+  magic('vhdx', 'VHDX (Hyper-V)', (p) => ascii(p.head, 0, 8) === 'vhdxfile'),
+  magic('qed', 'QED', (p) => ascii(p.head, 0, 4) === 'QED\0'),
+  magic(
+    'vdi',
+    'VDI (VirtualBox)',
+    (p) => p.head.length >= 68 && p.head[64] === 0x7f && p.head[65] === 0x10 && p.head[66] === 0xda && p.head[67] === 0xbe,
+  ),
+  magic('parallels', 'Parallels', (p) => ascii(p.head, 0, 16) === 'WithoutFreeSpace' || ascii(p.head, 0, 16) === 'WithouFreSpacExt'),
+  magic('bochs', 'Bochs', (p) => ascii(p.head, 0, 32).startsWith('Bochs Virtual HD Image')),
+  magic('cloop', 'cloop (compressed loop)', (p) => ascii(p.head, 0, 160).includes('#!/bin/sh') && ascii(p.head, 0, 256).includes('cloop')),
+  magic('dmg', 'DMG (Apple disk image)', (p) => ascii(p.tail, 0, 4) === 'koly'),
+  magic('luks', 'LUKS (encrypted)', (p) => ascii(p.head, 0, 6) === 'LUKS\xba\xbe'),
+  magic('qcow', 'QCOW version 1', (p) => ascii(p.head, 0, 4) === 'QFI\xfb' && p.head[7] === 1),
+];
