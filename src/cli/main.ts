@@ -93,7 +93,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .option('-f, --format <fmt>', 'image format (default: probe)')
     .option('--offset <n>', 'guest offset (K, M, G, T suffixes)', sizeArg('offset'))
     .option('--length <n>', 'number of bytes (default: to the end)', sizeArg('length'))
-    .option('-o, --output <file>', 'write to this file (sparse: zero runs become holes)')
+    .option('--output <file>', 'write to this file (sparse: zero runs become holes)')
     .option('--hexdump', 'print in the hexdump -C layout, with guest offsets')
     .addHelpText(
       'after',

@@ -5,7 +5,7 @@
  * block status reports which depth answers, as `qemu-img map` does).
  */
 import { realpath } from 'node:fs/promises';
-import { dirname, isAbsolute, resolve } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import type { BlockDevice, Extent } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { GenericDevice, type Driver } from '../block/generic.js';
@@ -14,10 +14,14 @@ import type { Layer, LayerRun } from './layer.js';
 /** A chain deeper than this is refused: it is almost certainly a mistake or an attack. */
 export const MAX_CHAIN_DEPTH = 64;
 
-/** Backing and data file names are relative to the directory of the image that names them. */
+/**
+ * Backing and data file names are relative to the directory of the image that
+ * names them. Like qemu's path_combine, a relative image path gives a relative
+ * result, so `info` shows the same full-backing-filename as qemu-img.
+ */
 export function resolveRelative(referrer: string, name: string): string {
   if (isAbsolute(name)) return name;
-  return resolve(dirname(referrer), name);
+  return join(dirname(referrer), name);
 }
 
 /** Where an image sits in a chain being opened: for loop and depth checks. */
