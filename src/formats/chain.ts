@@ -144,8 +144,12 @@ export class LayeredDriver implements Driver {
 
 function runExtent(run: LayerRun, offset: number, length: number): Extent {
   switch (run.kind) {
-    case 'zero':
-      return { offset, length, zero: true, hole: true, allocated: true, depth: 0 };
+    case 'zero': {
+      const ext: Extent = { offset, length, zero: true, hole: true, allocated: true, depth: 0 };
+      if (run.hostOffset !== undefined) ext.hostOffset = run.hostOffset + (offset - run.offset);
+      if (run.file !== undefined) ext.file = run.file;
+      return ext;
+    }
     case 'compressed':
       return { offset, length, zero: false, hole: false, allocated: true, depth: 0, compressed: true };
     case 'data': {

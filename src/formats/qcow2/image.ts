@@ -169,7 +169,9 @@ export class Qcow2Layer implements Layer {
         last !== undefined &&
         last.kind === r.kind &&
         r.kind !== 'compressed' &&
-        (r.kind !== 'data' || (last.hostOffset as number) + last.length === r.hostOffset)
+        (last.hostOffset === undefined
+          ? r.hostOffset === undefined
+          : r.hostOffset !== undefined && last.hostOffset + last.length === r.hostOffset)
       ) {
         last.length += r.length;
       } else runs.push(r);
@@ -229,7 +231,12 @@ export class Qcow2Layer implements Layer {
           if (host >= hostSize) throw where(`points to host offset 0x${host.toString(16)}, past the end of the file (${hostSize} bytes)`);
         }
         if (!h.extendedL2) {
-          if ((lo & 1) !== 0) push({ offset: pos, length: cEnd - pos, kind: 'zero' });
+          if ((lo & 1) !== 0) {
+            // A preallocated zero cluster keeps its host offset, and qemu-img map reports it.
+            const z: Qcow2Run = { offset: pos, length: cEnd - pos, kind: 'zero' };
+            if (allocated) Object.assign(z, { hostOffset: host + (pos - cStart), file: hostFile });
+            push(z);
+          }
           else if (allocated) push({ offset: pos, length: cEnd - pos, kind: 'data', hostOffset: host + (pos - cStart), file: hostFile });
           else push({ offset: pos, length: cEnd - pos, kind: 'unallocated' });
           pos = cEnd;
