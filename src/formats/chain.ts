@@ -6,7 +6,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import type { BlockDevice, Extent } from '../block/device.js';
+import type { BlockDevice, Capabilities, Extent, IoOpts } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { GenericDevice, type Driver } from '../block/generic.js';
 import type { Layer, LayerRun } from './layer.js';
@@ -54,17 +54,56 @@ export async function enterChain(state: ChainState, path: string, referrer?: str
   return { depth: state.depth + 1, seen: [...state.seen, real] };
 }
 
+/**
+ * Read guest bytes of a layer: its data and compressed runs from the layer,
+ * zero runs as zeros, unallocated runs from the backing device (zeros past its
+ * end). Runs are independent, so file reads and decompression (zlib runs in
+ * the libuv pool) overlap.
+ */
+export async function readLayered(layer: Layer, buf: Uint8Array, offset: number): Promise<void> {
+  const runs = await layer.map(offset, buf.length);
+  let pos = offset;
+  const work: Promise<void>[] = [];
+  for (const run of runs) {
+    const end = Math.min(run.offset + run.length, offset + buf.length);
+    if (end <= pos) continue;
+    const dst = buf.subarray(pos - offset, end - offset);
+    if (run.kind === 'zero') dst.fill(0);
+    else if (run.kind === 'unallocated') work.push(readBacking(layer.backing, dst, pos));
+    else work.push(layer.readRun(dst, run, pos));
+    pos = end;
+  }
+  await Promise.all(work);
+  if (pos !== offset + buf.length) {
+    throw new BlockError('io', `${layer.path}: mapping did not cover the read at ${pos}`, { path: layer.path, op: 'read' });
+  }
+}
+
+/** Unallocated runs read from the backing device; beyond its end, zeros. */
+async function readBacking(b: BlockDevice | null, dst: Uint8Array, offset: number): Promise<void> {
+  const inBacking = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - offset));
+  if (b !== null && inBacking > 0) await b.pread(dst.subarray(0, inBacking), offset);
+  if (inBacking < dst.length) dst.fill(0, inBacking);
+}
+
 /** The driver of every layered image: one layer plus the device under it. */
 export class LayeredDriver implements Driver {
   readonly format: string;
   readonly path: string;
   readonly readOnly: boolean;
-  readonly caps = { blockStatus: true, flush: false, fua: false };
+  readonly caps: Partial<Capabilities>;
 
   constructor(readonly layer: Layer) {
     this.format = layer.format;
     this.path = layer.path;
     this.readOnly = layer.readOnly;
+    this.caps = {
+      blockStatus: true,
+      fua: false,
+      flush: layer.flush !== undefined,
+      zero: layer.writeZeroes !== undefined,
+      discard: layer.discard !== undefined,
+    };
   }
 
   get size(): number {
@@ -75,32 +114,30 @@ export class LayeredDriver implements Driver {
     return this.layer.backing;
   }
 
-  async pread(buf: Uint8Array, offset: number): Promise<void> {
-    const runs = await this.layer.map(offset, buf.length);
-    let pos = offset;
-    // Runs are independent: file reads and decompression (zlib runs in the libuv pool) overlap.
-    const work: Promise<void>[] = [];
-    for (const run of runs) {
-      const end = Math.min(run.offset + run.length, offset + buf.length);
-      if (end <= pos) continue;
-      const dst = buf.subarray(pos - offset, end - offset);
-      if (run.kind === 'zero') dst.fill(0);
-      else if (run.kind === 'unallocated') work.push(this.readBacking(dst, pos));
-      else work.push(this.layer.readRun(dst, run, pos));
-      pos = end;
-    }
-    await Promise.all(work);
-    if (pos !== offset + buf.length) {
-      throw new BlockError('io', `${this.path}: mapping did not cover the read at ${pos}`, { path: this.path, op: 'read' });
-    }
+  pread(buf: Uint8Array, offset: number): Promise<void> {
+    return readLayered(this.layer, buf, offset);
   }
 
-  /** Unallocated runs read from the backing device; beyond its end, zeros. */
-  private async readBacking(dst: Uint8Array, offset: number): Promise<void> {
-    const b = this.layer.backing;
-    const inBacking = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - offset));
-    if (b !== null && inBacking > 0) await b.pread(dst.subarray(0, inBacking), offset);
-    if (inBacking < dst.length) dst.fill(0, inBacking);
+  async pwrite(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.layer.write === undefined) throw this.notWritable('write');
+    await this.layer.write(buf, offset);
+  }
+
+  async writeZeroes(offset: number, length: number, opts: IoOpts): Promise<void> {
+    if (this.layer.writeZeroes === undefined) throw this.notWritable('write-zeroes');
+    await this.layer.writeZeroes(offset, length, opts.mayTrim ?? false);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    if (this.layer.discard !== undefined) await this.layer.discard(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    if (this.layer.flush !== undefined) await this.layer.flush();
+  }
+
+  private notWritable(op: string): BlockError {
+    return new BlockError('read-only', `${this.path}: ${op} on an image opened read-only`, { path: this.path, op });
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -110,14 +147,18 @@ export class LayeredDriver implements Driver {
       const s = Math.max(run.offset, offset);
       const e = Math.min(run.offset + run.length, offset + length);
       if (e <= s) continue;
-      if (run.kind === 'unallocated') out.push(...(await this.backingStatus(s, e - s)));
+      if (run.kind === 'unallocated') out.push(...(await this.backingStatus(s, e - s, run)));
       else out.push(runExtent(run, s, e - s));
     }
     return out;
   }
 
-  /** Extents of an unallocated range: from the backing chain, one level deeper. */
-  private async backingStatus(offset: number, length: number): Promise<Extent[]> {
+  /**
+   * Extents of an unallocated range: from the backing chain, one level deeper.
+   * `run` is this layer's unallocated run; it may still carry a host offset
+   * (an unallocated subcluster of an allocated qcow2 cluster).
+   */
+  private async backingStatus(offset: number, length: number, run: LayerRun): Promise<Extent[]> {
     const b = this.layer.backing;
     const out: Extent[] = [];
     const inBacking = b === null ? 0 : Math.max(0, Math.min(length, b.size - offset));
@@ -128,8 +169,14 @@ export class LayeredDriver implements Driver {
       const last = ext[ext.length - 1] as Extent;
       pos = last.offset + last.length;
     }
-    // Past the backing file's end (or with none) this layer answers: zeros, not allocated.
-    if (pos < offset + length) out.push({ offset: pos, length: offset + length - pos, zero: true, hole: true, allocated: false, depth: 0 });
+    // Past the backing file's end (or with none) this layer answers: zeros, not allocated, and
+    // like qemu-img map it still reports the host offset the layer has for the range, if any.
+    if (pos < offset + length) {
+      const ext: Extent = { offset: pos, length: offset + length - pos, zero: true, hole: true, allocated: false, depth: 0 };
+      if (run.hostOffset !== undefined) ext.hostOffset = run.hostOffset + (pos - run.offset);
+      if (run.hostOffset !== undefined && run.file !== undefined) ext.file = run.file;
+      out.push(ext);
+    }
     return out;
   }
 

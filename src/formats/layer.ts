@@ -14,7 +14,12 @@ export interface LayerRun {
   offset: number;
   length: number;
   kind: RunKind;
-  /** For data: where the first byte lives in `file`. */
+  /**
+   * For data: where the first byte lives in `file`. Zero and unallocated runs
+   * carry it too when the format still has host space for them (a qcow2
+   * preallocated zero cluster, an unallocated subcluster of an allocated
+   * cluster): qemu-img map reports that offset.
+   */
   hostOffset?: number;
   /** The host file holding the data (the image itself or an external data file). */
   file?: string;
@@ -62,4 +67,10 @@ export interface Layer {
   readRun(buf: Uint8Array, run: LayerRun, offset: number): Promise<void>;
   info(): Promise<ImageInfo>;
   close(): Promise<void>;
+
+  /** Writable layers (opened with readOnly: false) implement these. */
+  write?(buf: Uint8Array, offset: number): Promise<void>;
+  writeZeroes?(offset: number, length: number, mayTrim: boolean): Promise<void>;
+  discard?(offset: number, length: number): Promise<void>;
+  flush?(): Promise<void>;
 }

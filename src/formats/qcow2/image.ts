@@ -8,7 +8,7 @@ import type { BlockDevice } from '../../block/device.js';
 import { BlockError, fromSystemError } from '../../block/errors.js';
 import { HostFile } from '../../block/file.js';
 import { dataView } from '../../util/bytes.js';
-import { resolveRelative } from '../chain.js';
+import { readLayered, resolveRelative } from '../chain.js';
 import type { ImageInfo, Layer, LayerRun } from '../layer.js';
 import type { OpenContext } from '../registry.js';
 import { readBitmaps } from './bitmap.js';
@@ -18,6 +18,36 @@ import * as C from './constants.js';
 import { readHeader, type Qcow2Header } from './header.js';
 import { corruptEntry, L1Table } from './l1l2.js';
 import { readSnapshots } from './snapshot.js';
+import { Qcow2Writer, type WriterHost } from './writer.js';
+
+/**
+ * Images rblock will not write yet, refused at open with the reason (never
+ * corrupted): internal snapshots (shared clusters), persistent bitmaps (would
+ * go stale), extended L2, encryption, and images marked dirty or corrupt.
+ */
+function refuseWriting(path: string, h: Qcow2Header): void {
+  const why =
+    (h.incompatible & C.INCOMPAT_CORRUPT) !== 0n
+      ? 'it is marked corrupt; repair it (qemu-img check -r all) or open it read-only'
+      : (h.incompatible & C.INCOMPAT_DIRTY) !== 0n
+        ? 'its dirty bit is set (refcounts may be stale); repair it with qemu-img check -r all first'
+        : h.nbSnapshots > 0
+          ? `it has ${h.nbSnapshots} internal snapshot(s), and writing images with snapshots is not supported yet`
+          : h.bitmaps !== null && (h.autoclear & C.AUTOCLEAR_BITMAPS) !== 0n
+            ? 'it has persistent bitmaps, which rblock cannot keep up to date yet'
+            : h.extendedL2
+              ? 'writing extended-L2 (subcluster) images is not supported yet'
+              : h.cryptMethod !== 0
+                ? 'it is encrypted'
+                : null;
+  if (why !== null) {
+    throw new BlockError(why.startsWith('it is marked corrupt') ? 'corrupt-image' : 'not-supported', `${path}: cannot open for writing: ${why}`, {
+      path,
+      structure: 'qcow2 header',
+      op: 'open',
+    });
+  }
+}
 
 /** A compressed run carries where its bytes are; data runs carry hostOffset. */
 interface Qcow2Run extends LayerRun {
@@ -38,6 +68,9 @@ export class Qcow2Layer implements Layer {
   private readonly l2Cache: LruCache<number, Uint8Array>;
   private readonly clusterCache = new LruCache<number, Uint8Array>(8);
   private readonly l1Span: number;
+  /** L2 tables changed by the writer and not yet written back: read before the cache. */
+  readonly pinned = new Map<number, Uint8Array>();
+  private writer: Qcow2Writer | null = null;
 
   private constructor(
     readonly file: HostFile,
@@ -50,7 +83,7 @@ export class Qcow2Layer implements Layer {
   ) {
     this.path = file.path;
     this.size = header.size;
-    this.readOnly = true;
+    this.readOnly = dataFile === null ? file.readOnly : file.readOnly || dataFile.readOnly;
     this.l2Cache = new LruCache(Math.max(4, Math.floor(L2_CACHE_BYTES / header.clusterSize)));
     this.l1Span = header.clusterSize * header.l2Entries;
   }
@@ -58,12 +91,7 @@ export class Qcow2Layer implements Layer {
   static async open(file: HostFile, ctx: OpenContext): Promise<Qcow2Layer> {
     const h = await readHeader(file);
     const l1 = await L1Table.load(file, h);
-    if (!ctx.readOnly) {
-      throw new BlockError('not-supported', `${file.path}: writing qcow2 images is not supported yet; open it read-only`, {
-        path: file.path,
-        op: 'open',
-      });
-    }
+    if (!ctx.readOnly) refuseWriting(file.path, h);
     let dataFile: HostFile | null = null;
     let backing: BlockDevice | null = null;
     let backingPath: string | null = null;
@@ -78,7 +106,7 @@ export class Qcow2Layer implements Layer {
         // Relative to the image's directory, like a backing file (qemu 7.2 uses the working directory).
         const dpath = resolveRelative(file.path, h.dataFile);
         try {
-          dataFile = await HostFile.open(dpath, true);
+          dataFile = await HostFile.open(dpath, ctx.readOnly);
         } catch (e) {
           const err = fromSystemError(e, dpath, 'open');
           throw new BlockError(
@@ -100,7 +128,8 @@ export class Qcow2Layer implements Layer {
         try {
           backing = await ctx.openBacking(backingPath, fmt, file.path);
         } catch (e) {
-          if (e instanceof BlockError && e.kind === 'not-found' && e.context.path === backingPath) {
+          // Only the backing file itself missing: an error about a file further down names its own referrer.
+          if (e instanceof BlockError && e.kind === 'not-found' && e.context.path === backingPath && e.context.structure === undefined) {
             throw new BlockError(
               'not-found',
               `${file.path}: backing file '${name}' not found (looked for ${backingPath})`,
@@ -118,11 +147,58 @@ export class Qcow2Layer implements Layer {
       await dataFile?.close();
       throw e;
     }
-    return new Qcow2Layer(file, h, l1, dataFile, backing, backingPath);
+    const layer = new Qcow2Layer(file, h, l1, dataFile, backing, backingPath);
+    if (!ctx.readOnly) {
+      try {
+        layer.writer = await Qcow2Writer.open(layer.writerHost());
+      } catch (e) {
+        await layer.close();
+        if (backing !== null) await backing.close();
+        throw e;
+      }
+    }
+    return layer;
+  }
+
+  private writerHost(): WriterHost {
+    return {
+      path: this.path,
+      header: this.header,
+      file: this.file,
+      dataFile: this.dataFile,
+      l1: this.l1,
+      hasBacking: this.backing !== null,
+      pinned: this.pinned,
+      l2Table: (offset, l1Index) => this.l2Table(offset, l1Index),
+      readGuest: (buf, offset) => readLayered(this, buf, offset),
+    };
+  }
+
+  write(buf: Uint8Array, offset: number): Promise<void> {
+    return this.requireWriter('write').write(buf, offset);
+  }
+
+  writeZeroes(offset: number, length: number, mayTrim: boolean): Promise<void> {
+    return this.requireWriter('write-zeroes').writeZeroes(offset, length, mayTrim);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.requireWriter('discard').discard(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    if (this.writer !== null) await this.writer.flush();
+  }
+
+  private requireWriter(op: string): Qcow2Writer {
+    if (this.writer === null) throw new BlockError('read-only', `${this.path}: ${op} on an image opened read-only`, { path: this.path, op });
+    return this.writer;
   }
 
   /** The L2 table at `offset`, via the bounded cache. */
   l2Table(offset: number, l1Index: number): Promise<Uint8Array> {
+    const pinned = this.pinned.get(offset);
+    if (pinned !== undefined) return Promise.resolve(pinned);
     return this.l2Cache.get(offset, async () => {
       const h = this.header;
       if (offset % h.clusterSize !== 0) {
@@ -133,7 +209,7 @@ export class Qcow2Layer implements Layer {
           h.l1TableOffset + l1Index * 8,
         );
       }
-      if (offset + h.clusterSize > this.file.size && offset >= this.file.size) {
+      if (offset >= this.file.size) {
         throw corruptEntry(
           this.path,
           `L1 entry ${l1Index}`,
@@ -141,8 +217,9 @@ export class Qcow2Layer implements Layer {
           h.l1TableOffset + l1Index * 8,
         );
       }
+      // L2 tables are written whole: one cut by the end of the file means a truncated image.
       const t = new Uint8Array(h.clusterSize);
-      await this.file.readAt(t, offset);
+      await this.file.readExact(t, offset, `L2 table of L1 entry ${l1Index}`);
       return t;
     });
   }
@@ -232,9 +309,10 @@ export class Qcow2Layer implements Layer {
         }
         if (!h.extendedL2) {
           if ((lo & 1) !== 0) {
-            // A preallocated zero cluster keeps its host offset, and qemu-img map reports it.
+            // A preallocated zero cluster keeps its host offset, and qemu-img map reports it. Offset 0
+            // is "zero, unallocated" even with an external data file: there only COPIED marks 0 valid.
             const z: Qcow2Run = { offset: pos, length: cEnd - pos, kind: 'zero' };
-            if (allocated) Object.assign(z, { hostOffset: host + (pos - cStart), file: hostFile });
+            if (host !== 0) Object.assign(z, { hostOffset: host + (pos - cStart), file: hostFile });
             push(z);
           }
           else if (allocated) push({ offset: pos, length: cEnd - pos, kind: 'data', hostOffset: host + (pos - cStart), file: hostFile });
@@ -253,10 +331,13 @@ export class Qcow2Layer implements Layer {
           const si = Math.floor((pos - cStart) / sc);
           const sEnd = Math.min(cStart + (si + 1) * sc, cEnd);
           const bit = 1 << si;
-          if ((zero & bit) !== 0) push({ offset: pos, length: sEnd - pos, kind: 'zero' });
+          // Zero and unallocated subclusters of an allocated cluster keep its host offset (qemu's
+          // ZERO_ALLOC and UNALLOCATED_ALLOC), which qemu-img map reports.
+          const at = allocated ? { hostOffset: host + (pos - cStart), file: hostFile } : {};
+          if ((zero & bit) !== 0) push({ offset: pos, length: sEnd - pos, kind: 'zero', ...at });
           else if ((alloc & bit) !== 0)
             push({ offset: pos, length: sEnd - pos, kind: 'data', hostOffset: host + (pos - cStart), file: hostFile });
-          else push({ offset: pos, length: sEnd - pos, kind: 'unallocated' });
+          else push({ offset: pos, length: sEnd - pos, kind: 'unallocated', ...at });
           pos = sEnd;
         }
       }
@@ -284,7 +365,8 @@ export class Qcow2Layer implements Layer {
       return;
     }
     const start = r.clusterStart as number;
-    const cluster = await this.clusterCache.get(start, () => this.decompress(r));
+    // Keyed by host offset: a guest cluster rewritten later must not hit stale data.
+    const cluster = await this.clusterCache.get(r.compressedOffset as number, () => this.decompress(r));
     buf.set(cluster.subarray(offset - start, offset - start + buf.length));
   }
 
@@ -346,6 +428,14 @@ export class Qcow2Layer implements Layer {
   }
 
   async close(): Promise<void> {
+    try {
+      if (this.writer !== null) await this.writer.flush();
+    } finally {
+      await this.closeFiles();
+    }
+  }
+
+  private async closeFiles(): Promise<void> {
     this.l2Cache.clear();
     this.clusterCache.clear();
     try {

@@ -62,6 +62,23 @@ export class Refcounts {
     return Number(dv.getBigUint64(i * 8));
   }
 
+  /** Store `value` as entry i of a refcount block (the inverse of entry()). */
+  static setEntry(block: Uint8Array, i: number, bits: number, value: number): void {
+    if (bits < 8) {
+      const perByte = 8 / bits;
+      const shift = (i % perByte) * bits;
+      const mask = ((1 << bits) - 1) << shift;
+      const at = Math.floor(i / perByte);
+      block[at] = ((block[at] as number) & ~mask) | ((value << shift) & mask);
+      return;
+    }
+    const dv = dataView(block);
+    if (bits === 8) block[i] = value;
+    else if (bits === 16) dv.setUint16(i * 2, value);
+    else if (bits === 32) dv.setUint32(i * 4, value);
+    else dv.setBigUint64(i * 8, BigInt(value));
+  }
+
   /** Refcount of a host cluster (by index). */
   async get(clusterIndex: number): Promise<number> {
     const t = Math.floor(clusterIndex / this.entriesPerBlock);

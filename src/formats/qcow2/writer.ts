@@ -1,0 +1,326 @@
+/**
+ * The qcow2 writer (spec §4, §6): guest writes, zero writes, discards and
+ * flushes on one image layer.
+ *
+ * Ordering (the crash-safety invariant of §6): guest data is written to its
+ * cluster before anything references it; allocation raises refcounts in
+ * memory, and flush writes back refcount blocks (fsync), then the refcount
+ * table, then L2 tables (fsync), then L1 entries (fsync), and only then
+ * applies the decrements of clusters that lost their last reference. A kill at
+ * any instant therefore leaves at most leaked clusters. Between flushes the
+ * changed tables stay pinned in memory (bounded: past the bound, a flush).
+ */
+import { BlockError } from '../../block/errors.js';
+import type { HostFile } from '../../block/file.js';
+import { dataView } from '../../util/bytes.js';
+import { Mutex } from '../../util/mutex.js';
+import { ClusterAllocator } from './allocator.js';
+import * as C from './constants.js';
+import type { Qcow2Header } from './header.js';
+import type { L1Table } from './l1l2.js';
+
+/** What the writer needs from the layer it writes. */
+export interface WriterHost {
+  readonly path: string;
+  readonly header: Qcow2Header;
+  readonly file: HostFile;
+  readonly dataFile: HostFile | null;
+  readonly l1: L1Table;
+  readonly hasBacking: boolean;
+  /** L2 tables changed since the last flush, by host offset; the layer reads these first. */
+  readonly pinned: Map<number, Uint8Array>;
+  l2Table(offset: number, l1Index: number): Promise<Uint8Array>;
+  /** Guest bytes as the image reads now (this layer plus backing): the source of copy-on-write. */
+  readGuest(buf: Uint8Array, offset: number): Promise<void>;
+}
+
+const MAX_PINNED_BYTES = 32 << 20;
+const MAX_DIRTY_REFBLOCKS = 128;
+const COPIED = 1n << 63n;
+const ZERO_FLAG = 1n;
+
+interface Entry {
+  raw: bigint;
+  kind: 'unallocated' | 'zero' | 'zero-alloc' | 'normal' | 'compressed';
+  host: number;
+  copied: boolean;
+}
+
+export class Qcow2Writer {
+  private readonly lock = new Mutex();
+  private readonly dirtyL1 = new Set<number>();
+  private readonly cs: number;
+  private readonly external: boolean;
+  private autoclearChecked = false;
+
+  private constructor(
+    private readonly img: WriterHost,
+    private readonly alloc: ClusterAllocator,
+  ) {
+    this.cs = img.header.clusterSize;
+    this.external = img.dataFile !== null;
+  }
+
+  static async open(img: WriterHost): Promise<Qcow2Writer> {
+    return new Qcow2Writer(img, await ClusterAllocator.load(img.file, img.header));
+  }
+
+  private get h(): Qcow2Header {
+    return this.img.header;
+  }
+
+  private decode(table: Uint8Array, idx: number): Entry {
+    const raw = dataView(table).getBigUint64(idx * this.h.l2EntrySize);
+    const copied = (raw & COPIED) !== 0n;
+    if ((raw & (1n << 62n)) !== 0n) return { raw, kind: 'compressed', host: 0, copied: false };
+    const host = Number(raw & 0x00ff_ffff_ffff_fe00n);
+    const allocated = host !== 0 || (copied && this.external);
+    if ((raw & ZERO_FLAG) !== 0n) return { raw, kind: host !== 0 ? 'zero-alloc' : 'zero', host, copied };
+    return { raw, kind: allocated ? 'normal' : 'unallocated', host, copied };
+  }
+
+  /** Queue the release of whatever host storage an entry held (§6: after the new table is durable). */
+  private release(e: Entry): void {
+    if (this.external) return; // data clusters in an external file are not refcounted
+    if (e.kind === 'compressed') {
+      const x = BigInt(62 - (this.h.clusterBits - 8));
+      const coff = Number(e.raw & ((1n << x) - 1n));
+      const sectors = Number((e.raw >> x) & ((1n << (62n - x)) - 1n)) + 1;
+      // qemu counts every host cluster touched by [coff & ~511, + sectors * 512).
+      const start = coff - (coff % 512);
+      this.alloc.freeLater(start, sectors * 512);
+    } else if ((e.kind === 'normal' || e.kind === 'zero-alloc') && e.host !== 0) {
+      this.alloc.freeLater(e.host, this.cs);
+    }
+  }
+
+  private setEntry(table: Uint8Array, l2Off: number, idx: number, raw: bigint): void {
+    dataView(table).setBigUint64(idx * this.h.l2EntrySize, raw);
+    this.img.pinned.set(l2Off, table);
+  }
+
+  private l1Offset(l1i: number): number {
+    return this.img.l1.entries[l1i] as number;
+  }
+
+  /** The L2 table for l1i, allocated (zeroed) if the L1 entry is empty. */
+  private async l2ForWrite(l1i: number): Promise<{ table: Uint8Array; l2Off: number }> {
+    const off = this.l1Offset(l1i);
+    if (off !== 0) {
+      const raw = dataView(this.img.l1.raw).getBigUint64(l1i * 8);
+      if ((raw & COPIED) === 0n) {
+        throw new BlockError('not-supported', `${this.img.path}: L2 table ${l1i} is shared (COPIED flag clear); writing shared tables is not supported`, {
+          path: this.img.path,
+          structure: 'L1 table',
+          offset: this.h.l1TableOffset + l1i * 8,
+        });
+      }
+      return { table: await this.img.l2Table(off, l1i), l2Off: off };
+    }
+    const l2Off = await this.alloc.allocate(1);
+    const table = new Uint8Array(this.cs);
+    this.img.pinned.set(l2Off, table);
+    this.img.l1.entries[l1i] = l2Off;
+    dataView(this.img.l1.raw).setBigUint64(l1i * 8, BigInt(l2Off) | COPIED);
+    this.dirtyL1.add(l1i);
+    return { table, l2Off };
+  }
+
+  private hostFile(): HostFile {
+    return this.img.dataFile ?? this.img.file;
+  }
+
+  /** Autoclear bits we do not know must be cleared before the first write (§1.1). */
+  private async clearUnknownAutoclear(): Promise<void> {
+    if (this.autoclearChecked) return;
+    this.autoclearChecked = true;
+    const known = C.AUTOCLEAR_BITMAPS | C.AUTOCLEAR_DATA_FILE_RAW;
+    if (this.h.version === 3 && (this.h.autoclear & ~known) !== 0n) {
+      this.h.autoclear &= known;
+      const b = new Uint8Array(8);
+      dataView(b).setBigUint64(0, this.h.autoclear);
+      await this.img.file.writeAt(b, 88);
+    }
+  }
+
+  write(buf: Uint8Array, offset: number): Promise<void> {
+    return this.lock.run(() => this.writeLocked(buf, offset));
+  }
+
+  private async writeLocked(buf: Uint8Array, offset: number): Promise<void> {
+    await this.clearUnknownAutoclear();
+    const cs = this.cs;
+    const size = this.h.size;
+    const end = offset + buf.length;
+    let pos = offset;
+    while (pos < end) {
+      const ci = Math.floor(pos / cs);
+      const cStart = ci * cs;
+      const l1i = Math.floor(ci / this.h.l2Entries);
+      const idx = ci % this.h.l2Entries;
+      const { table, l2Off } = await this.l2ForWrite(l1i);
+      const e = this.decode(table, idx);
+      if (e.kind === 'normal' && (e.copied || this.external)) {
+        // Overwrite in place: the cluster is ours alone. Extend over following in-place clusters that are contiguous on the host.
+        let cEnd = Math.min(cStart + cs, end);
+        let n = 1;
+        while (cEnd < end && idx + n < this.h.l2Entries) {
+          const next = this.decode(table, idx + n);
+          if (next.kind !== 'normal' || !(next.copied || this.external) || next.host !== e.host + n * cs) break;
+          cEnd = Math.min(cStart + (n + 1) * cs, end);
+          n++;
+        }
+        await this.hostFile().writeAt(buf.subarray(pos - offset, cEnd - offset), e.host + (pos - cStart));
+        pos = cEnd;
+        continue;
+      }
+      const clusterEnd = Math.min(cStart + cs, size);
+      if (pos === cStart && end >= clusterEnd) {
+        // Whole clusters: allocate a contiguous run for every following whole cluster that needs one.
+        let n = 1;
+        while (idx + n < this.h.l2Entries) {
+          const nStart = cStart + n * cs;
+          if (nStart >= end || end < Math.min(nStart + cs, size)) break;
+          const next = this.decode(table, idx + n);
+          if (next.kind === 'normal' && (next.copied || this.external)) break;
+          n++;
+        }
+        const bytes = Math.min(n * cs, end - pos);
+        const host = this.external ? cStart : await this.alloc.allocate(n);
+        await this.hostFile().writeAt(buf.subarray(pos - offset, pos - offset + bytes), host);
+        for (let k = 0; k < n; k++) {
+          const old = this.decode(table, idx + k);
+          this.setEntry(table, l2Off, idx + k, BigInt(host + k * cs) | COPIED);
+          this.release(old);
+        }
+        pos += bytes;
+      } else {
+        // Part of a cluster: copy-on-write of the rest from what the guest reads now (§6 step 2).
+        const cbuf = new Uint8Array(clusterEnd - cStart);
+        await this.img.readGuest(cbuf, cStart);
+        const cEnd = Math.min(clusterEnd, end);
+        cbuf.set(buf.subarray(pos - offset, cEnd - offset), pos - cStart);
+        const host = this.external ? cStart : await this.alloc.allocate(1);
+        await this.hostFile().writeAt(cbuf, host);
+        this.setEntry(table, l2Off, idx, BigInt(host) | COPIED);
+        this.release(e);
+        pos = cEnd;
+      }
+      await this.maybeFlush();
+    }
+  }
+
+  writeZeroes(offset: number, length: number, mayTrim: boolean): Promise<void> {
+    return this.lock.run(() => this.zeroLocked(offset, length, mayTrim, false));
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.lock.run(() => this.zeroLocked(offset, length, true, true));
+  }
+
+  /**
+   * Zero (or discard) [offset, offset+length). Whole clusters change only
+   * their L2 entry; partial clusters are written with zeros (write-zeroes) or
+   * left alone (discard is advisory).
+   */
+  private async zeroLocked(offset: number, length: number, mayTrim: boolean, isDiscard: boolean): Promise<void> {
+    await this.clearUnknownAutoclear();
+    const cs = this.cs;
+    const size = this.h.size;
+    const end = offset + length;
+    const firstWhole = Math.ceil(offset / cs) * cs;
+    const lastWhole = end >= size ? Math.ceil(size / cs) * cs : Math.floor(end / cs) * cs;
+    // Unaligned head and tail (or an image where metadata cannot express zeros).
+    const rawZeros = this.external && (this.h.autoclear & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    const v2WithBacking = this.h.version === 2 && this.img.hasBacking;
+    if (firstWhole >= lastWhole || rawZeros || (v2WithBacking && !isDiscard)) {
+      if (!isDiscard) await this.writeZeroBytes(offset, end);
+      return;
+    }
+    if (!isDiscard) {
+      await this.writeZeroBytes(offset, firstWhole);
+      await this.writeZeroBytes(Math.min(lastWhole, end), end);
+    }
+    for (let pos = firstWhole; pos < Math.min(lastWhole, end + cs); pos += cs) {
+      if (pos >= end) break;
+      const ci = pos / cs;
+      const l1i = Math.floor(ci / this.h.l2Entries);
+      const idx = ci % this.h.l2Entries;
+      if (this.l1Offset(l1i) === 0 && !this.img.hasBacking) {
+        // The whole L2 range is unallocated and reads as zeros already.
+        pos = (l1i + 1) * this.h.l2Entries * cs - cs;
+        continue;
+      }
+      const { table, l2Off } = await this.l2ForWrite(l1i);
+      const e = this.decode(table, idx);
+      let raw: bigint;
+      if (isDiscard) {
+        // qemu's discard: only allocated clusters (or any, with a backing file) change; v3 reads zeros after.
+        if (e.kind === 'unallocated' && !this.img.hasBacking) continue;
+        if (e.kind === 'zero') continue;
+        raw = this.h.version >= 3 ? ZERO_FLAG : 0n;
+      } else if (this.h.version === 2) {
+        raw = 0n; // no backing (checked above): unallocated reads as zeros
+      } else if (!mayTrim && e.kind === 'normal' && e.copied && !this.external) {
+        raw = BigInt(e.host) | COPIED | ZERO_FLAG; // keep the preallocated cluster
+      } else if (e.kind === 'zero') {
+        continue;
+      } else raw = ZERO_FLAG;
+      if (raw === e.raw) continue;
+      this.setEntry(table, l2Off, idx, raw);
+      if ((raw & ~ZERO_FLAG & ~COPIED) !== BigInt(e.host) || e.kind === 'compressed') this.release(e);
+      await this.maybeFlush();
+    }
+  }
+
+  private async writeZeroBytes(from: number, to: number): Promise<void> {
+    const chunk = 1 << 20;
+    for (let pos = from; pos < to; pos += chunk) await this.writeLocked(new Uint8Array(Math.min(chunk, to - pos)), pos);
+  }
+
+  private async maybeFlush(): Promise<void> {
+    if (this.img.pinned.size * this.cs > MAX_PINNED_BYTES || this.alloc.dirtyBlockCount > MAX_DIRTY_REFBLOCKS) await this.flushLocked();
+  }
+
+  flush(): Promise<void> {
+    return this.lock.run(() => this.flushLocked());
+  }
+
+  private async flushLocked(): Promise<void> {
+    const file = this.img.file;
+    // 1. Data (in the data file too) and refcount blocks, then the refcount table: durable first.
+    if (this.img.dataFile !== null) await this.img.dataFile.sync();
+    await this.alloc.writeBack((offset, clusters) => this.updateReftableHeader(offset, clusters));
+    await file.sync();
+    // 2. L2 tables, then 3. the L1 entries that point to new ones.
+    if (this.img.pinned.size > 0) {
+      for (const [off, table] of this.img.pinned) await file.writeAt(table, off);
+      await file.sync();
+      this.img.pinned.clear();
+    }
+    if (this.dirtyL1.size > 0) {
+      const e = new Uint8Array(8);
+      for (const i of [...this.dirtyL1].sort((a, b) => a - b)) {
+        e.set(this.img.l1.raw.subarray(i * 8, i * 8 + 8));
+        await file.writeAt(e, this.h.l1TableOffset + i * 8);
+      }
+      this.dirtyL1.clear();
+      await file.sync();
+    }
+    // 4. Only now drop the references the tables no longer hold.
+    if (this.alloc.hasPendingFrees) {
+      await this.alloc.applyFrees();
+      await this.alloc.writeBack((offset, clusters) => this.updateReftableHeader(offset, clusters));
+    }
+  }
+
+  /** One 12-byte header write moves the refcount table (§3.1). */
+  private async updateReftableHeader(offset: number, clusters: number): Promise<void> {
+    const b = new Uint8Array(12);
+    dataView(b).setBigUint64(0, BigInt(offset));
+    dataView(b).setUint32(8, clusters);
+    await this.img.file.writeAt(b, 48);
+    this.h.refcountTableOffset = offset;
+    this.h.refcountTableClusters = clusters;
+  }
+}
