@@ -4,11 +4,16 @@ import { layerOf } from '../formats/chain.js';
 import { Qcow2Layer } from '../formats/qcow2/image.js';
 import { inspectQcow2, type InspectOptions, type InspectReport } from '../formats/qcow2/inspect.js';
 import { openImage } from '../formats/registry.js';
+import { VhdLayer } from '../formats/vhd/image.js';
+import { inspectVhd } from '../formats/vhd/inspect.js';
+import { humanVhdInspect } from './inspect-vhd.js';
 import type { Io } from './io.js';
 
 export interface InspectCliOptions extends InspectOptions {
   format?: string;
   output: 'human' | 'json';
+  /** VHD: decode this block's sector bitmap. */
+  block?: number;
 }
 
 const hx = (n: number): string => '0x' + n.toString(16);
@@ -92,8 +97,20 @@ export function humanInspect(r: InspectReport): string {
 export async function runInspect(image: string, opts: InspectCliOptions, io: Io): Promise<number> {
   await using dev = await openImage(image, opts.format !== undefined ? { format: opts.format, backing: null } : { backing: null });
   const layer = layerOf(dev);
+  if (layer instanceof VhdLayer) {
+    const qcow2Only = [opts.l1 ? '--l1' : '', opts.l2 !== undefined ? '--l2' : '', opts.refcounts ? '--refcounts' : ''].filter((o) => o !== '');
+    if (qcow2Only.length > 0) {
+      throw new BlockError('invalid-argument', `${image}: ${qcow2Only.join(', ')} are for qcow2 images; this is a VHD (use --block N)`, { path: image });
+    }
+    const report = await inspectVhd(layer, opts.block !== undefined ? { block: opts.block } : {});
+    await io.out(opts.output === 'json' ? JSON.stringify(report, jsonReplacer, 2) + '\n' : humanVhdInspect(report));
+    return 0;
+  }
+  if (opts.block !== undefined) {
+    throw new BlockError('invalid-argument', `${image}: --block is for VHD images; this image is ${dev.format}`, { path: image });
+  }
   if (!(layer instanceof Qcow2Layer)) {
-    throw new BlockError('not-supported', `${image}: inspect knows qcow2 structures; this image is ${dev.format}`, { path: image });
+    throw new BlockError('not-supported', `${image}: inspect knows qcow2 and VHD structures; this image is ${dev.format}`, { path: image });
   }
   const report = await inspectQcow2(layer, opts);
   await io.out(opts.output === 'json' ? JSON.stringify(report, jsonReplacer, 2) + '\n' : humanInspect(report));

@@ -118,30 +118,17 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .command('create')
     .description('Create a new image (like qemu-img create).')
     .argument('<image>', 'the image file to create')
-    .argument('[size]', "virtual size (K, M, G, T suffixes); defaults to the backing file's", sizeArg('size'))
+    .argument('[size]', 'virtual size (K, M, G, T suffixes); defaults to the backing file\'s', sizeArg('size'))
     .option('-f, --format <fmt>', 'image format: qcow2 or raw', 'raw')
-    .option(
-      '-o, --options <list>',
-      'format options: cluster_size=, refcount_bits=, compat=0.10|1.1, extended_l2=on|off, compression_type=zlib|zstd, lazy_refcounts=on|off, preallocation=off|metadata|full, data_file=, data_file_raw=on|off',
-      (v: string, prev: string[] = []) => [...prev, v],
-    )
+    .option('-o, --options <list>', 'format options: cluster_size=, refcount_bits=, compat=0.10|1.1, extended_l2=on|off, compression_type=zlib|zstd, lazy_refcounts=on|off, preallocation=off|metadata|full, data_file=, data_file_raw=on|off', (v: string, prev: string[] = []) => [...prev, v])
     .option('-b, --backing <file>', 'backing file (name stored as given, relative to the new image)')
     .option('-F, --backing-format <fmt>', 'format of the backing file')
     .option('-u, --unsafe', 'do not open the backing file (a size must then be given)')
     .option('-q, --quiet', 'print nothing')
-    .addHelpText(
-      'after',
-      '\nExamples:\n  rblock create -f qcow2 disk.qcow2 20G\n  rblock create -f qcow2 -o cluster_size=2M,compression_type=zstd big.qcow2 1T\n  rblock create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n',
-    )
-    .action(
-      async (
-        image: string,
-        size: number | undefined,
-        o: { format: string; options?: string[]; backing?: string; backingFormat?: string; unsafe?: boolean; quiet?: boolean },
-      ) => {
-        setExit(await runCreate(image, size, o, io));
-      },
-    );
+    .addHelpText('after', '\nExamples:\n  rblock create -f qcow2 disk.qcow2 20G\n  rblock create -f qcow2 -o cluster_size=2M,compression_type=zstd big.qcow2 1T\n  rblock create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n')
+    .action(async (image: string, size: number | undefined, o: { format: string; options?: string[]; backing?: string; backingFormat?: string; unsafe?: boolean; quiet?: boolean }) => {
+      setExit(await runCreate(image, size, o, io));
+    });
 
   return program;
 }

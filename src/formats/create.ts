@@ -25,11 +25,12 @@ export interface CreateRequest {
 /** Parse qemu's `-o a=b,c=d` (a doubled comma escapes a comma). */
 export function parseOptionList(text: string): Record<string, string> {
   const out: Record<string, string> = {};
-  for (const part of text.replace(/,,/g, '\u0000').split(',')) {
+  const ESC = '\u{e000}'; // a private-use character stands in for an escaped comma
+  for (const part of text.split(',,').join(ESC).split(',')) {
     if (part.trim() === '') continue;
     const eq = part.indexOf('=');
     const k = (eq < 0 ? part : part.slice(0, eq)).trim();
-    out[k] = (eq < 0 ? 'on' : part.slice(eq + 1)).replace(/\u0000/g, ',');
+    out[k] = (eq < 0 ? 'on' : part.slice(eq + 1)).split(ESC).join(',');
   }
   return out;
 }

@@ -1,7 +1,7 @@
 /**
  * Formats we recognise only to refuse them with a clear message, so that a
- * VHDX or a Parallels image is never silently served as raw bytes. VHD (vpc)
- * and VMDK move out of this list when their drivers land (issues 6 and 7).
+ * VHDX or a Parallels image is never silently served as raw bytes. VMDK moves
+ * out of this list when its driver lands (issue 7); VHD (vpc) has (issue 6).
  */
 import type { ProbeInput, RecognisedFormat } from './registry.js';
 
@@ -15,13 +15,6 @@ function magic(name: string, description: string, test: (p: ProbeInput) => boole
 }
 
 export const RECOGNISED_ONLY: readonly RecognisedFormat[] = [
-  // VHD: a copy of the footer at offset 0 (dynamic/differencing) or the footer in the last 512 bytes (fixed).
-  // Very old fixed VHDs have a 511-byte footer, hence offset 1 of the last 512 bytes.
-  magic(
-    'vpc',
-    'VHD (Virtual PC)',
-    (p) => ascii(p.head, 0, 8) === 'conectix' || ascii(p.tail, 0, 8) === 'conectix' || ascii(p.tail, 1, 8) === 'conectix',
-  ),
   // VMDK: hosted sparse extent magic 'KDMV', COWD, or a text descriptor.
   magic('vmdk', 'VMDK', (p) => {
     const m = ascii(p.head, 0, 4);

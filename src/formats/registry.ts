@@ -13,6 +13,7 @@ import { enterChain, type ChainState } from './chain.js';
 import { qcow2Format } from './qcow2/index.js';
 import { rawFormat } from './raw/index.js';
 import { RECOGNISED_ONLY } from './recognised.js';
+import { vhdFormat } from './vhd/index.js';
 
 export interface ProbeInput {
   /** The first bytes of the file (up to 4 KiB; shorter for small files). */
@@ -35,6 +36,11 @@ export interface OpenOptions {
   backing?: string | null;
   /** Format of the backing override. */
   backingFormat?: string;
+  /**
+   * VHD only (qemu's vpc force_size_calc): size the disk from the CHS geometry
+   * or from the footer's current_size instead of deciding by creator application.
+   */
+  forceSizeCalc?: 'chs' | 'current_size';
 }
 
 /** Everything a driver needs to open an image and, through it, its backing chain. */
@@ -62,8 +68,8 @@ export interface RecognisedFormat {
   probe(p: ProbeInput): number;
 }
 
-// Later: vhd (vpc) and vmdk drivers register here and leave RECOGNISED_ONLY.
-export const FORMATS: readonly FormatDriver[] = [qcow2Format, rawFormat];
+// Later: the vmdk driver registers here and leaves RECOGNISED_ONLY.
+export const FORMATS: readonly FormatDriver[] = [qcow2Format, vhdFormat, rawFormat];
 
 export function formatNames(): string[] {
   return FORMATS.map((f) => f.name);

@@ -16,14 +16,12 @@ export function parseSize(text: string, what = 'size'): number {
 /** qemu-img's human size: "1 MiB", "1.5 GiB", "324 KiB", "0 B". */
 export function humanSize(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  // Like qemu's size_to_str(): the next unit from 1000 of the current one ("0.977 MiB", not
+  // "1000 KiB"), then %0.3g: 3 significant digits, trailing zeros of the fraction dropped.
   let i = 0;
-  let v = n;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
+  while (n >= 1000 * 1024 ** i && i < units.length - 1) i++;
   if (i === 0) return `${n} B`;
-  // qemu prints 3 significant digits and strips trailing zeros.
-  const s = v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
-  return `${s.replace(/\.?0+$/, '')} ${units[i]}`;
+  const v = n / 1024 ** i;
+  const s = v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v >= 1 ? v.toFixed(2) : v.toFixed(3);
+  return `${s.includes('.') ? s.replace(/\.?0+$/, '') : s} ${units[i]}`;
 }

@@ -26,11 +26,8 @@ export async function readBitmaps(file: HostFile, h: Qcow2Header): Promise<Qcow2
   if (ext.nbBitmaps > MAX_BITMAPS || ext.directorySize > MAX_BITMAP_DIRECTORY_BYTES) {
     throw new BlockError(
       'corrupt-image',
-      `${path}: bitmaps extension claims ${ext.nbBitmaps} bitmaps in ${ext.directorySize} bytes (too large)`,
-      {
-        path,
-        structure,
-      },
+      `${path}: bitmap directory of ${ext.nbBitmaps} bitmaps in ${ext.directorySize} bytes is too large (max ${MAX_BITMAPS} bitmaps, ${MAX_BITMAP_DIRECTORY_BYTES} bytes)`,
+      { path, structure, field: ext.nbBitmaps > MAX_BITMAPS ? 'nb_bitmaps' : 'bitmap_directory_size' },
     );
   }
   const dir = new Uint8Array(ext.directorySize);

@@ -17,8 +17,21 @@ const inflateRawAsync = promisify(inflateRaw);
 
 let zstdReady: Promise<void> | null = null;
 function ensureZstd(): Promise<void> {
-  zstdReady ??= zstdInit();
+  // init() twice re-instantiates the wasm module under functions already bound to the first
+  // instance, which then decode garbage: skip it when the application has initialised it already.
+  zstdReady ??= zstdUsable() ? Promise.resolve() : zstdInit();
   return zstdReady;
+}
+
+/** An empty zstd frame: single segment, content size 0, one empty raw last block. */
+const EMPTY_FRAME = new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x00, 0x01, 0x00, 0x00]);
+
+function zstdUsable(): boolean {
+  try {
+    return zstdDecompress(EMPTY_FRAME, { defaultHeapSize: 1 }).length === 0;
+  } catch {
+    return false;
+  }
 }
 
 function fail(ctx: ErrorContext & { path: string }, what: string, cause?: unknown): BlockError {
@@ -75,6 +88,9 @@ export function zstdFrameLength(buf: Uint8Array, maxContent: number): number | s
   const checksum = (fhd >> 2) & 1;
   const dictFlag = fhd & 3;
   if (fhd & 0x08) return 'reserved bit set in frame header';
+  // The decoder refuses windows above 2^30 on wasm32, and the wasm wrapper would then size its output
+  // buffer from the error code: refuse them here.
+  if (!single && 10 + ((buf[5] as number) >> 3) > 30) return 'window size too large';
   let pos = 5 + (single ? 0 : 1) + [0, 1, 2, 4][dictFlag]!;
   const fcsSize = [single ? 1 : 0, 2, 4, 8][fcsFlag]!;
   if (pos + fcsSize > buf.length) return 'truncated frame header';
