@@ -7,12 +7,14 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { BlockError } from '../block/errors.js';
 import { parseSize } from '../util/size.js';
 import { reportError } from './errors.js';
+import { runConvert } from './convert.js';
 import { runCreate } from './create.js';
 import { runInfo } from './info.js';
 import { runInspect } from './inspect.js';
 import { processIo, type Io } from './io.js';
 import { runMap } from './map.js';
 import { runRead } from './read.js';
+import { registerServe } from './serve.js';
 
 function version(): string {
   try {
@@ -118,17 +120,72 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .command('create')
     .description('Create a new image (like qemu-img create).')
     .argument('<image>', 'the image file to create')
-    .argument('[size]', 'virtual size (K, M, G, T suffixes); defaults to the backing file\'s', sizeArg('size'))
+    .argument('[size]', "virtual size (K, M, G, T suffixes); defaults to the backing file's", sizeArg('size'))
     .option('-f, --format <fmt>', 'image format: qcow2 or raw', 'raw')
-    .option('-o, --options <list>', 'format options: cluster_size=, refcount_bits=, compat=0.10|1.1, extended_l2=on|off, compression_type=zlib|zstd, lazy_refcounts=on|off, preallocation=off|metadata|full, data_file=, data_file_raw=on|off', (v: string, prev: string[] = []) => [...prev, v])
+    .option(
+      '-o, --options <list>',
+      'format options: cluster_size=, refcount_bits=, compat=0.10|1.1, extended_l2=on|off, compression_type=zlib|zstd, lazy_refcounts=on|off, preallocation=off|metadata|full, data_file=, data_file_raw=on|off',
+      (v: string, prev: string[] = []) => [...prev, v],
+    )
     .option('-b, --backing <file>', 'backing file (name stored as given, relative to the new image)')
     .option('-F, --backing-format <fmt>', 'format of the backing file')
     .option('-u, --unsafe', 'do not open the backing file (a size must then be given)')
     .option('-q, --quiet', 'print nothing')
-    .addHelpText('after', '\nExamples:\n  rblock create -f qcow2 disk.qcow2 20G\n  rblock create -f qcow2 -o cluster_size=2M,compression_type=zstd big.qcow2 1T\n  rblock create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n')
-    .action(async (image: string, size: number | undefined, o: { format: string; options?: string[]; backing?: string; backingFormat?: string; unsafe?: boolean; quiet?: boolean }) => {
-      setExit(await runCreate(image, size, o, io));
-    });
+    .addHelpText(
+      'after',
+      '\nExamples:\n  rblock create -f qcow2 disk.qcow2 20G\n  rblock create -f qcow2 -o cluster_size=2M,compression_type=zstd big.qcow2 1T\n  rblock create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n',
+    )
+    .action(
+      async (
+        image: string,
+        size: number | undefined,
+        o: { format: string; options?: string[]; backing?: string; backingFormat?: string; unsafe?: boolean; quiet?: boolean },
+      ) => {
+        setExit(await runCreate(image, size, o, io));
+      },
+    );
+
+  registerServe(program, io, setExit);
+
+  program
+    .command('convert')
+    .description(
+      'Copy an image (any format rblock reads, chains flattened) into a new qcow2 or raw image, sparsely (like qemu-img convert).',
+    )
+    .argument('<source>', 'source image')
+    .argument('<target>', 'target image')
+    .option('-f, --format <fmt>', 'source format (default: probe)')
+    .requiredOption('-O, --output-format <fmt>', 'target format: qcow2 or raw')
+    .option('-c, --compress', 'compress data clusters (qcow2; zlib, or zstd with -o compression_type=zstd)')
+    .option('-o, --options <list>', 'target creation options, as for create', (v: string, prev: string[] = []) => [...prev, v])
+    .option('-B, --backing <file>', 'backing file of the target')
+    .option('-F, --backing-format <fmt>', 'format of the backing file')
+    .option('-p, --progress', 'show a progress bar (on a terminal)')
+    .option('-n, --no-create', 'do not create the target: it exists already')
+    .option('--target-is-zero', 'with -n: the target reads as zeros, so zero runs are skipped')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  rblock convert -O qcow2 disk.raw disk.qcow2\n  rblock convert -c -O qcow2 -o compression_type=zstd disk.qcow2 small.qcow2\n  rblock convert -O raw overlay.qcow2 flat.raw\n',
+    )
+    .action(
+      async (
+        source: string,
+        target: string,
+        o: {
+          format?: string;
+          outputFormat: string;
+          compress?: boolean;
+          options?: string[];
+          backing?: string;
+          backingFormat?: string;
+          progress?: boolean;
+          create: boolean;
+          targetIsZero?: boolean;
+        },
+      ) => {
+        setExit(await runConvert(source, target, { ...o, noCreate: !o.create }, io));
+      },
+    );
 
   return program;
 }

@@ -68,15 +68,19 @@ export async function createImage(req: CreateRequest): Promise<{ size: number; s
     size ??= b.size;
     backingFormat ??= b.format;
   }
-  if (size === undefined) throw new BlockError('invalid-argument', `${req.path}: no size given (and no backing file to take it from)`, { path: req.path });
+  if (size === undefined)
+    throw new BlockError('invalid-argument', `${req.path}: no size given (and no backing file to take it from)`, { path: req.path });
   if (req.format === 'raw') {
-    for (const k of Object.keys(o)) if (k !== 'preallocation' && k !== 'size') throw new BlockError('invalid-argument', `raw images have no option '${k}'`);
+    for (const k of Object.keys(o))
+      if (k !== 'preallocation' && k !== 'size') throw new BlockError('invalid-argument', `raw images have no option '${k}'`);
     if (backingFile !== undefined) throw new BlockError('invalid-argument', 'raw images cannot have a backing file');
     await createRaw(req.path, size, o['preallocation'] === 'full');
     return { size, summary: `fmt=raw size=${size}` };
   }
   if (req.format !== 'qcow2') {
-    throw new BlockError('not-supported', `${req.path}: creating ${req.format} images is not supported yet (qcow2 and raw are)`, { path: req.path });
+    throw new BlockError('not-supported', `${req.path}: creating ${req.format} images is not supported yet (qcow2 and raw are)`, {
+      path: req.path,
+    });
   }
   for (const k of Object.keys(o)) {
     if (!QCOW2_KEYS.includes(k)) throw new BlockError('invalid-argument', `qcow2 has no option '${k}' (known: ${QCOW2_KEYS.join(', ')})`);

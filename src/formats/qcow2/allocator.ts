@@ -126,10 +126,14 @@ export class ClusterAllocator {
 
   private async set(ci: number, value: number): Promise<void> {
     if (value < 0 || value > this.maxRefcount) {
-      throw new BlockError('corrupt-image', `${this.file.path}: refcount of cluster ${ci} would become ${value} (${this.bits}-bit refcounts)`, {
-        path: this.file.path,
-        structure: 'refcount block',
-      });
+      throw new BlockError(
+        'corrupt-image',
+        `${this.file.path}: refcount of cluster ${ci} would become ${value} (${this.bits}-bit refcounts)`,
+        {
+          path: this.file.path,
+          structure: 'refcount block',
+        },
+      );
     }
     const ti = Math.floor(ci / this.perBlock);
     if (ti >= this.table.length) await this.growTable(ti + 1);

@@ -8,9 +8,9 @@
  * ships inside the npm package, so nothing is downloaded or compiled at install
  * time (zstd-napi fetches a prebuilt binary or falls back to node-gyp).
  */
-import { constants, inflateRaw } from 'node:zlib';
+import { constants, deflateRaw, inflateRaw } from 'node:zlib';
 import { promisify } from 'node:util';
-import { init as zstdInit, decompress as zstdDecompress } from '@bokuweb/zstd-wasm';
+import { init as zstdInit, compress as zstdCompress, decompress as zstdDecompress } from '@bokuweb/zstd-wasm';
 import { BlockError, type ErrorContext } from '../../block/errors.js';
 
 const inflateRawAsync = promisify(inflateRaw);
@@ -115,4 +115,23 @@ export function zstdFrameLength(buf: Uint8Array, maxContent: number): number | s
   pos += checksum ? 4 : 0;
   if (pos > buf.length) return 'truncated checksum';
   return pos;
+}
+
+const deflateRawAsync = promisify(deflateRaw);
+
+/**
+ * Compress one cluster for writing (§5). zlib: raw deflate with a 4 KiB
+ * window, so qemu's windowBits=-12 inflater accepts it; zstd: one frame with
+ * its content size, as qemu writes it. Returns null when the result would not
+ * be smaller than a cluster (qemu then stores the cluster uncompressed).
+ */
+export async function compressCluster(type: number, data: Uint8Array): Promise<Uint8Array | null> {
+  let out: Uint8Array;
+  if (type === 0) {
+    out = await deflateRawAsync(data, { windowBits: 12, memLevel: 9 });
+  } else {
+    await ensureZstd();
+    out = zstdCompress(data, 3);
+  }
+  return out.length < data.length - 1 ? out : null;
 }

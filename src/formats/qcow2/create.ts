@@ -63,19 +63,24 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
   const zstd = (o.compressionType ?? 'zlib') === 'zstd';
   const prealloc = o.preallocation ?? 'off';
   if (!Number.isSafeInteger(o.size) || o.size < 0) throw invalid(path, `invalid size ${o.size}`);
-  if (!Number.isInteger(Math.log2(cs)) || cs < 512 || cs > 2 << 20) throw invalid(path, `cluster size ${cs} must be a power of two between 512 and 2M`);
-  if (!Number.isInteger(Math.log2(refBits)) || refBits < 1 || refBits > 64) throw invalid(path, `refcount bits ${refBits} must be a power of two up to 64`);
+  if (!Number.isInteger(Math.log2(cs)) || cs < 512 || cs > 2 << 20)
+    throw invalid(path, `cluster size ${cs} must be a power of two between 512 and 2M`);
+  if (!Number.isInteger(Math.log2(refBits)) || refBits < 1 || refBits > 64)
+    throw invalid(path, `refcount bits ${refBits} must be a power of two up to 64`);
   if (!v3 && (refBits !== 16 || extL2 || zstd || o.lazyRefcounts || o.dataFile !== undefined)) {
     throw invalid(path, 'compat=0.10 supports none of refcount_bits other than 16, extended_l2, zstd, lazy_refcounts, data_file');
   }
   if (extL2 && cs < 16384) throw invalid(path, 'extended_l2 needs a cluster size of at least 16K');
   if (o.dataFileRaw && o.dataFile === undefined) throw invalid(path, 'data_file_raw needs data_file');
-  if (o.dataFile !== undefined && o.backingFile !== undefined && o.dataFileRaw) throw invalid(path, 'data_file_raw cannot be used with a backing file');
-  if (o.backingFile !== undefined && Buffer.byteLength(o.backingFile) > C.MAX_BACKING_NAME) throw invalid(path, 'backing file name is too long');
+  if (o.dataFile !== undefined && o.backingFile !== undefined && o.dataFileRaw)
+    throw invalid(path, 'data_file_raw cannot be used with a backing file');
+  if (o.backingFile !== undefined && Buffer.byteLength(o.backingFile) > C.MAX_BACKING_NAME)
+    throw invalid(path, 'backing file name is too long');
 
   const l2Entries = cs / (extL2 ? 16 : 8);
   const l1Size = Math.ceil(o.size / (cs * l2Entries));
-  if (l1Size * 8 > C.MAX_L1_BYTES) throw invalid(path, `size ${o.size} needs an L1 table larger than 32 MiB with ${cs}-byte clusters; use bigger clusters`);
+  if (l1Size * 8 > C.MAX_L1_BYTES)
+    throw invalid(path, `size ${o.size} needs an L1 table larger than 32 MiB with ${cs}-byte clusters; use bigger clusters`);
   const l1Clusters = Math.ceil((l1Size * 8) / cs);
   const perBlock = (cs * 8) / refBits;
   const external = o.dataFile !== undefined;
@@ -95,7 +100,8 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
     rbc = Math.max(rbc, needRbc);
     rtc = Math.max(rtc, needRtc);
   }
-  if (rtc * cs > C.MAX_REFTABLE_BYTES) throw invalid(path, 'the image is too large for its refcount table; use bigger clusters or wider refcounts');
+  if (rtc * cs > C.MAX_REFTABLE_BYTES)
+    throw invalid(path, 'the image is too large for its refcount table; use bigger clusters or wider refcounts');
   const reftableAt = 1;
   const refblocksAt = reftableAt + rtc;
   const l1At = refblocksAt + rbc;

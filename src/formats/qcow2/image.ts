@@ -178,6 +178,11 @@ export class Qcow2Layer implements Layer {
     return this.requireWriter('write').write(buf, offset);
   }
 
+  /** Store a whole guest cluster as compressed bytes (used by convert -c). */
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return this.requireWriter('write').writeCompressed(offset, data);
+  }
+
   writeZeroes(offset: number, length: number, mayTrim: boolean): Promise<void> {
     return this.requireWriter('write-zeroes').writeZeroes(offset, length, mayTrim);
   }

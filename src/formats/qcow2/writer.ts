@@ -109,11 +109,15 @@ export class Qcow2Writer {
     if (off !== 0) {
       const raw = dataView(this.img.l1.raw).getBigUint64(l1i * 8);
       if ((raw & COPIED) === 0n) {
-        throw new BlockError('not-supported', `${this.img.path}: L2 table ${l1i} is shared (COPIED flag clear); writing shared tables is not supported`, {
-          path: this.img.path,
-          structure: 'L1 table',
-          offset: this.h.l1TableOffset + l1i * 8,
-        });
+        throw new BlockError(
+          'not-supported',
+          `${this.img.path}: L2 table ${l1i} is shared (COPIED flag clear); writing shared tables is not supported`,
+          {
+            path: this.img.path,
+            structure: 'L1 table',
+            offset: this.h.l1TableOffset + l1i * 8,
+          },
+        );
       }
       return { table: await this.img.l2Table(off, l1i), l2Off: off };
     }
@@ -208,6 +212,62 @@ export class Qcow2Writer {
       }
       await this.maybeFlush();
     }
+  }
+
+  /**
+   * Store one guest cluster as compressed data (§4.2, §5). `offset` is
+   * cluster-aligned; `data` is the compressed stream of the whole cluster.
+   * Compressed clusters are packed byte-contiguously, as qemu does; every host
+   * cluster they touch gets one more reference.
+   */
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return this.lock.run(async () => {
+      if (this.external)
+        throw new BlockError('not-supported', `${this.img.path}: compressed clusters are not allowed with an external data file`, {
+          path: this.img.path,
+        });
+      await this.clearUnknownAutoclear();
+      const ci = Math.floor(offset / this.cs);
+      const l1i = Math.floor(ci / this.h.l2Entries);
+      const idx = ci % this.h.l2Entries;
+      const { table, l2Off } = await this.l2ForWrite(l1i);
+      const host = await this.allocBytes(data.length);
+      await this.img.file.writeAt(data, host);
+      const x = BigInt(62 - (this.h.clusterBits - 8));
+      const additional = Math.floor((host + data.length - 1) / 512) - Math.floor(host / 512);
+      const old = this.decode(table, idx);
+      this.setEntry(table, l2Off, idx, (1n << 62n) | (BigInt(additional) << x) | BigInt(host));
+      this.release(old);
+      await this.maybeFlush();
+    });
+  }
+
+  /** Where the next compressed cluster goes: the rest of the last packed cluster, else new clusters. */
+  private byteCursor = 0;
+
+  private async allocBytes(len: number): Promise<number> {
+    const cs = this.cs;
+    const cur = this.byteCursor;
+    const curCluster = Math.floor(cur / cs);
+    const curEnd = (curCluster + 1) * cs;
+    if (cur > 0 && cur + len <= curEnd) {
+      await this.alloc.add(curCluster, 1);
+      this.byteCursor = cur + len === curEnd ? 0 : cur + len;
+      return cur;
+    }
+    const k = Math.ceil(len / cs);
+    const start = await this.alloc.allocate(k);
+    let host = start;
+    if (cur > 0 && start === curEnd) {
+      // Contiguous with the partly used cluster: continue there, and give back a new cluster the data does not reach.
+      host = cur;
+      await this.alloc.add(curCluster, 1);
+      const lastTouched = Math.floor((cur + len - 1) / cs);
+      for (let c = lastTouched + 1; c < start / cs + k; c++) await this.alloc.add(c, -1);
+    }
+    const end = host + len;
+    this.byteCursor = end % cs === 0 ? 0 : end;
+    return host;
   }
 
   writeZeroes(offset: number, length: number, mayTrim: boolean): Promise<void> {

@@ -1,0 +1,54 @@
+/** `rblock convert`: copy an image into a new qcow2 or raw image (like qemu-img convert). */
+import { SingleBar } from 'cli-progress';
+import { convert } from '../copy/convert.js';
+import { parseOptionList } from '../formats/create.js';
+import { openImage } from '../formats/registry.js';
+import type { Io } from './io.js';
+
+export interface ConvertCliOptions {
+  format?: string;
+  outputFormat: string;
+  compress?: boolean;
+  options?: string[];
+  backing?: string;
+  backingFormat?: string;
+  progress?: boolean;
+  noCreate?: boolean;
+  targetIsZero?: boolean;
+}
+
+export async function runConvert(srcPath: string, dstPath: string, o: ConvertCliOptions, io: Io): Promise<number> {
+  await using src = await openImage(srcPath, o.format !== undefined ? { format: o.format } : {});
+  const options: Record<string, string> = {};
+  for (const list of o.options ?? []) Object.assign(options, parseOptionList(list));
+  let bar: SingleBar | null = null;
+  if (o.progress && process.stderr.isTTY) {
+    bar = new SingleBar({
+      format: '{bar} {percentage}% | {value}/{total} MiB | {speed} MiB/s | ETA {eta_formatted}',
+      stream: process.stderr,
+      hideCursor: true,
+    });
+    bar.start(Math.ceil(src.size / 2 ** 20), 0, { speed: '0' });
+  }
+  const started = Date.now();
+  try {
+    await convert(src, dstPath, {
+      format: o.outputFormat,
+      options,
+      ...(o.compress ? { compress: true } : {}),
+      ...(o.backing !== undefined ? { backing: o.backing } : {}),
+      ...(o.backingFormat !== undefined ? { backingFormat: o.backingFormat } : {}),
+      ...(o.noCreate ? { noCreate: true } : {}),
+      ...(o.targetIsZero ? { targetIsZero: true } : {}),
+      onProgress: (done) => {
+        if (bar === null) return;
+        const secs = Math.max(0.001, (Date.now() - started) / 1000);
+        bar.update(Math.floor(done / 2 ** 20), { speed: (done / 2 ** 20 / secs).toFixed(0) });
+      },
+    });
+  } finally {
+    bar?.stop();
+  }
+  void io;
+  return 0;
+}

@@ -1,0 +1,173 @@
+/**
+ * `convert`: copy any image rblock opens (backing chains flattened) into a
+ * new qcow2 or raw image, sparsely and with bounded memory. Windows of the
+ * source are read ahead while the previous one is written; zero runs are not
+ * written (unless the target has a backing file that must be masked); with
+ * compression, the clusters of a window are compressed concurrently (zlib's
+ * async API runs in the libuv pool, so both cores work).
+ */
+import type { BlockDevice, Extent } from '../block/device.js';
+import { BlockError } from '../block/errors.js';
+import { isZero } from '../block/zero.js';
+import { layerOf } from '../formats/chain.js';
+import { createImage } from '../formats/create.js';
+import { compressCluster } from '../formats/qcow2/compress.js';
+import { Qcow2Layer } from '../formats/qcow2/image.js';
+import { openImage } from '../formats/registry.js';
+
+export interface ConvertOptions {
+  /** Output format: qcow2 or raw. */
+  format: string;
+  /** Creation options (-o), as for create. */
+  options?: Record<string, string>;
+  /** Compress data clusters (qcow2 output only). */
+  compress?: boolean;
+  /** Backing file of the target (-B) and its format. */
+  backing?: string;
+  backingFormat?: string;
+  /** The target exists already (-n): do not create it. */
+  noCreate?: boolean;
+  /** With -n: the target reads as zeros already, so zero runs need no writes. */
+  targetIsZero?: boolean;
+  /** Bytes per read window (default 4 MiB, at least one cluster). */
+  window?: number;
+  onProgress?: (done: number, total: number) => void;
+}
+
+export interface ConvertStats {
+  bytesRead: number;
+  bytesWritten: number;
+  zeroBytes: number;
+  compressedClusters: number;
+}
+
+async function extentsOf(dev: BlockDevice, offset: number, length: number): Promise<Extent[]> {
+  const out: Extent[] = [];
+  let pos = offset;
+  while (pos < offset + length) {
+    const ext = await dev.blockStatus(pos, offset + length - pos);
+    out.push(...ext);
+    const last = ext[ext.length - 1] as Extent;
+    pos = last.offset + last.length;
+  }
+  return out;
+}
+
+interface Window {
+  offset: number;
+  length: number;
+  /** null when the whole window reads as zeros (nothing was read). */
+  data: Uint8Array | null;
+}
+
+export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptions): Promise<ConvertStats> {
+  if (o.compress && o.format !== 'qcow2') throw new BlockError('invalid-argument', `compression needs qcow2 output, not ${o.format}`);
+  if (!o.noCreate) {
+    const req: Parameters<typeof createImage>[0] = { format: o.format, path: dstPath, size: src.size, options: o.options ?? {} };
+    if (o.backing !== undefined) req.backingFile = o.backing;
+    if (o.backingFormat !== undefined) req.backingFormat = o.backingFormat;
+    await createImage(req);
+  }
+  await using dst = await openImage(dstPath, { format: o.format, readOnly: false });
+  if (dst.size < src.size)
+    throw new BlockError('invalid-argument', `${dstPath}: target is smaller (${dst.size} bytes) than the source (${src.size} bytes)`);
+  const layer = layerOf(dst);
+  const q = layer instanceof Qcow2Layer ? layer : null;
+  const cs = q?.header.clusterSize ?? 4096;
+  const compressType = q?.header.compressionType ?? 0;
+  // Zeros must be written where something below would otherwise show through.
+  const writeZeros = (layer?.backing ?? null) !== null || (o.noCreate === true && !o.targetIsZero);
+  const win = Math.max(cs, Math.floor((o.window ?? 4 << 20) / cs) * cs);
+  const stats: ConvertStats = { bytesRead: 0, bytesWritten: 0, zeroBytes: 0, compressedClusters: 0 };
+
+  const read = async (offset: number): Promise<Window> => {
+    const length = Math.min(win, src.size - offset);
+    const ext = await extentsOf(src, offset, length);
+    if (ext.every((e) => e.zero)) return { offset, length, data: null };
+    const data = new Uint8Array(length);
+    await src.pread(data, offset);
+    stats.bytesRead += length;
+    return { offset, length, data };
+  };
+
+  const writeWindow = async (w: Window): Promise<void> => {
+    if (w.data === null) {
+      stats.zeroBytes += w.length;
+      if (writeZeros) await dst.writeZeroes(w.offset, w.length, { mayTrim: true });
+      return;
+    }
+    const data = w.data;
+    const granules = Math.ceil(w.length / cs);
+    const zero: boolean[] = [];
+    for (let g = 0; g < granules; g++) zero.push(isZero(data.subarray(g * cs, Math.min((g + 1) * cs, w.length))));
+    if (o.compress && q !== null) {
+      const jobs = zero.map((z, g) => {
+        if (z) return Promise.resolve(null);
+        const chunk = data.subarray(g * cs, Math.min((g + 1) * cs, w.length));
+        const whole = chunk.length === cs ? chunk : padded(chunk, cs);
+        return compressCluster(compressType, whole);
+      });
+      const packed = await Promise.all(jobs);
+      for (let g = 0; g < granules; g++) {
+        const at = w.offset + g * cs;
+        const len = Math.min(cs, w.length - g * cs);
+        const c = packed[g];
+        if (zero[g]) {
+          stats.zeroBytes += len;
+          if (writeZeros) await dst.writeZeroes(at, len, { mayTrim: true });
+        } else if (c !== null && c !== undefined) {
+          await q.writeCompressed(at, c);
+          stats.compressedClusters++;
+          stats.bytesWritten += c.length;
+        } else {
+          await dst.pwrite(data.subarray(g * cs, g * cs + len), at);
+          stats.bytesWritten += len;
+        }
+      }
+      return;
+    }
+    // Uncompressed: one write per run of non-zero granules.
+    for (let g = 0; g < granules;) {
+      let h = g + 1;
+      while (h < granules && zero[h] === zero[g]) h++;
+      const from = g * cs;
+      const to = Math.min(h * cs, w.length);
+      if (zero[g]) {
+        stats.zeroBytes += to - from;
+        if (writeZeros) await dst.writeZeroes(w.offset + from, to - from, { mayTrim: true });
+      } else {
+        await dst.pwrite(data.subarray(from, to), w.offset + from);
+        stats.bytesWritten += to - from;
+      }
+      g = h;
+    }
+  };
+
+  // Read ahead up to `depth` windows while writing in order: memory is bounded by depth * window.
+  const depth = 3;
+  const pending: Promise<Window>[] = [];
+  let next = 0;
+  const fill = (): void => {
+    while (pending.length < depth && next < src.size) {
+      const p = read(next);
+      p.catch(() => {}); // surfaced when awaited below
+      pending.push(p);
+      next += win;
+    }
+  };
+  fill();
+  while (pending.length > 0) {
+    const w = await (pending.shift() as Promise<Window>);
+    fill();
+    await writeWindow(w);
+    o.onProgress?.(Math.min(w.offset + w.length, src.size), src.size);
+  }
+  await dst.flush();
+  return stats;
+}
+
+function padded(chunk: Uint8Array, size: number): Uint8Array {
+  const out = new Uint8Array(size);
+  out.set(chunk);
+  return out;
+}
