@@ -136,7 +136,8 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions): Promise<
   const exts: Uint8Array[] = [];
   if (o.backingFile !== undefined && o.backingFormat !== undefined) exts.push(ext(C.EXT_BACKING_FORMAT, Buffer.from(o.backingFormat)));
   if (o.dataFile !== undefined) exts.push(ext(C.EXT_DATA_FILE, Buffer.from(o.dataFile)));
-  if (v3) {
+  // qemu 7.2 writes the feature name table only with clusters above 4 KiB (observed; we match its bytes).
+  if (v3 && cs > 4096) {
     const table = new Uint8Array(48 * FEATURE_TABLE.length);
     FEATURE_TABLE.forEach(([type, bit, name], i) => {
       table[i * 48] = type;
