@@ -178,6 +178,16 @@ export class Qcow2Layer implements Layer {
     return this.requireWriter('write').write(buf, offset);
   }
 
+  /** Change the virtual size (the layer's own `size` is stale afterwards: reopen). */
+  resize(newSize: number): Promise<void> {
+    return this.requireWriter('resize').resize(newSize);
+  }
+
+  /** Deallocate every cluster (commit empties the overlay this way). */
+  makeEmpty(): Promise<void> {
+    return this.requireWriter('make-empty').makeEmpty();
+  }
+
   /** Store a whole guest cluster as compressed bytes (used by convert -c). */
   writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     return this.requireWriter('write').writeCompressed(offset, data);

@@ -66,8 +66,8 @@ export function decodeL1(raw: bigint, index: number): L1Entry {
 /** The L1 table, held whole (QEMU bounds it at 32 MiB; the header check enforces that). */
 export class L1Table {
   private constructor(
-    readonly entries: Float64Array,
-    readonly raw: Uint8Array,
+    public entries: Float64Array,
+    public raw: Uint8Array,
   ) {}
 
   static async load(file: HostFile, h: Qcow2Header): Promise<L1Table> {
@@ -81,6 +81,15 @@ export class L1Table {
       entries[i] = offsetOf(hi, lo);
     }
     return new L1Table(entries, raw);
+  }
+
+  /** Swap in a new (bigger) table after L1 growth; entries are re-decoded. */
+  replace(raw: Uint8Array): void {
+    const dv = dataView(raw);
+    const entries = new Float64Array(raw.length / 8);
+    for (let i = 0; i < entries.length; i++) entries[i] = offsetOf(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4));
+    this.entries = entries;
+    this.raw = raw;
   }
 
   entry(i: number): L1Entry {

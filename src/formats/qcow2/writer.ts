@@ -374,6 +374,96 @@ export class Qcow2Writer {
     }
   }
 
+  /**
+   * Change the virtual size (qemu-img resize). Growing past what the L1
+   * table covers moves L1 to a bigger table (§6: new table written and synced,
+   * then one 12-byte header write, then the old clusters freed). Shrinking is
+   * allowed only when nothing allocated lies past the new end.
+   */
+  resize(newSize: number): Promise<void> {
+    return this.lock.run(async () => {
+      const h = this.h;
+      const cs = this.cs;
+      if (newSize < h.size) {
+        const firstCut = Math.ceil(newSize / cs);
+        for (let ci = firstCut; ci * cs < h.size; ci++) {
+          const l1i = Math.floor(ci / h.l2Entries);
+          if (l1i >= h.l1Size || this.l1Offset(l1i) === 0) {
+            ci = (l1i + 1) * h.l2Entries - 1;
+            continue;
+          }
+          const table = await this.img.l2Table(this.l1Offset(l1i), l1i);
+          const e = this.decode(table, ci % h.l2Entries);
+          if (e.kind !== 'unallocated') {
+            throw new BlockError(
+              'invalid-argument',
+              `${this.img.path}: cannot shrink to ${newSize} bytes: guest offset ${ci * cs} is allocated (${e.kind}); discard it first`,
+              { path: this.img.path, op: 'resize' },
+            );
+          }
+        }
+      }
+      const need = Math.ceil(newSize / (cs * h.l2Entries));
+      if (need > h.l1Size) {
+        if (need * 8 > C.MAX_L1_BYTES) {
+          throw new BlockError(
+            'invalid-argument',
+            `${this.img.path}: ${newSize} bytes needs an L1 table over 32 MiB with ${cs}-byte clusters`,
+            {
+              path: this.img.path,
+              op: 'resize',
+            },
+          );
+        }
+        await this.flushLocked();
+        const clusters = Math.ceil((need * 8) / cs);
+        const at = await this.alloc.allocate(clusters);
+        const raw = new Uint8Array(need * 8);
+        raw.set(this.img.l1.raw);
+        await this.alloc.writeBack((o, c) => this.updateReftableHeader(o, c));
+        await this.img.file.writeAt(raw, at);
+        await this.img.file.sync();
+        const b = new Uint8Array(12);
+        dataView(b).setUint32(0, need);
+        dataView(b).setBigUint64(4, BigInt(at));
+        await this.img.file.writeAt(b, 36);
+        await this.img.file.sync();
+        if (h.l1Size > 0) this.alloc.freeLater(h.l1TableOffset, h.l1Size * 8);
+        this.img.l1.replace(raw);
+        h.l1Size = need;
+        h.l1TableOffset = at;
+      }
+      const b = new Uint8Array(8);
+      dataView(b).setBigUint64(0, BigInt(newSize));
+      await this.img.file.writeAt(b, 24);
+      h.size = newSize;
+      await this.flushLocked();
+    });
+  }
+
+  /**
+   * Deallocate every cluster of the active L1 (qemu's make_empty, used by
+   * commit): reads then fall through to the backing file.
+   */
+  makeEmpty(): Promise<void> {
+    return this.lock.run(async () => {
+      const h = this.h;
+      for (let l1i = 0; l1i < h.l1Size; l1i++) {
+        const off = this.l1Offset(l1i);
+        if (off === 0) continue;
+        const { table, l2Off } = await this.l2ForWrite(l1i);
+        for (let idx = 0; idx < h.l2Entries; idx++) {
+          const e = this.decode(table, idx);
+          if (e.raw === 0n) continue;
+          this.setEntry(table, l2Off, idx, 0n);
+          this.release(e);
+        }
+        await this.maybeFlush();
+      }
+      await this.flushLocked();
+    });
+  }
+
   /** One 12-byte header write moves the refcount table (§3.1). */
   private async updateReftableHeader(offset: number, clusters: number): Promise<void> {
     const b = new Uint8Array(12);
