@@ -385,23 +385,10 @@ export class Qcow2Writer {
       const h = this.h;
       const cs = this.cs;
       if (newSize < h.size) {
-        const firstCut = Math.ceil(newSize / cs);
-        for (let ci = firstCut; ci * cs < h.size; ci++) {
-          const l1i = Math.floor(ci / h.l2Entries);
-          if (l1i >= h.l1Size || this.l1Offset(l1i) === 0) {
-            ci = (l1i + 1) * h.l2Entries - 1;
-            continue;
-          }
-          const table = await this.img.l2Table(this.l1Offset(l1i), l1i);
-          const e = this.decode(table, ci % h.l2Entries);
-          if (e.kind !== 'unallocated') {
-            throw new BlockError(
-              'invalid-argument',
-              `${this.img.path}: cannot shrink to ${newSize} bytes: guest offset ${ci * cs} is allocated (${e.kind}); discard it first`,
-              { path: this.img.path, op: 'resize' },
-            );
-          }
-        }
+        // First make sure nothing with data is cut, then clear the zero clusters past the end
+        // (so growing later reads zeros or the backing file cleanly): two passes, no change on refusal.
+        await this.scanCut(newSize, false);
+        await this.scanCut(newSize, true);
       }
       const need = Math.ceil(newSize / (cs * h.l2Entries));
       if (need > h.l1Size) {
@@ -439,6 +426,30 @@ export class Qcow2Writer {
       h.size = newSize;
       await this.flushLocked();
     });
+  }
+
+  private async scanCut(newSize: number, clear: boolean): Promise<void> {
+    const h = this.h;
+    const cs = this.cs;
+    for (let ci = Math.ceil(newSize / cs); ci * cs < h.size; ci++) {
+      const l1i = Math.floor(ci / h.l2Entries);
+      if (l1i >= h.l1Size || this.l1Offset(l1i) === 0) {
+        ci = (l1i + 1) * h.l2Entries - 1;
+        continue;
+      }
+      const idx = ci % h.l2Entries;
+      const table = await this.img.l2Table(this.l1Offset(l1i), l1i);
+      const e = this.decode(table, idx);
+      if (e.kind === 'zero') {
+        if (clear) this.setEntry(table, this.l1Offset(l1i), idx, 0n);
+      } else if (e.kind !== 'unallocated') {
+        throw new BlockError(
+          'invalid-argument',
+          `${this.img.path}: cannot shrink to ${newSize} bytes: guest offset ${ci * cs} is allocated (${e.kind}); discard it first`,
+          { path: this.img.path, op: 'resize' },
+        );
+      }
+    }
   }
 
   /**
