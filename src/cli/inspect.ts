@@ -6,7 +6,10 @@ import { inspectQcow2, type InspectOptions, type InspectReport } from '../format
 import { openImage } from '../formats/registry.js';
 import { VhdLayer } from '../formats/vhd/image.js';
 import { inspectVhd } from '../formats/vhd/inspect.js';
+import { VmdkLayer } from '../formats/vmdk/image.js';
+import { inspectVmdk } from '../formats/vmdk/inspect.js';
 import { humanVhdInspect } from './inspect-vhd.js';
+import { humanVmdkInspect } from './inspect-vmdk.js';
 import type { Io } from './io.js';
 
 export interface InspectCliOptions extends InspectOptions {
@@ -14,6 +17,8 @@ export interface InspectCliOptions extends InspectOptions {
   output: 'human' | 'json';
   /** VHD: decode this block's sector bitmap. */
   block?: number;
+  /** VMDK: decode this grain table (numbered across the sparse extents). */
+  gt?: number;
 }
 
 const hx = (n: number): string => '0x' + n.toString(16);
@@ -98,9 +103,13 @@ export async function runInspect(image: string, opts: InspectCliOptions, io: Io)
   await using dev = await openImage(image, opts.format !== undefined ? { format: opts.format, backing: null } : { backing: null });
   const layer = layerOf(dev);
   if (layer instanceof VhdLayer) {
-    const qcow2Only = [opts.l1 ? '--l1' : '', opts.l2 !== undefined ? '--l2' : '', opts.refcounts ? '--refcounts' : ''].filter((o) => o !== '');
+    const qcow2Only = [opts.l1 ? '--l1' : '', opts.l2 !== undefined ? '--l2' : '', opts.refcounts ? '--refcounts' : ''].filter(
+      (o) => o !== '',
+    );
     if (qcow2Only.length > 0) {
-      throw new BlockError('invalid-argument', `${image}: ${qcow2Only.join(', ')} are for qcow2 images; this is a VHD (use --block N)`, { path: image });
+      throw new BlockError('invalid-argument', `${image}: ${qcow2Only.join(', ')} are for qcow2 images; this is a VHD (use --block N)`, {
+        path: image,
+      });
     }
     const report = await inspectVhd(layer, opts.block !== undefined ? { block: opts.block } : {});
     await io.out(opts.output === 'json' ? JSON.stringify(report, jsonReplacer, 2) + '\n' : humanVhdInspect(report));
@@ -109,8 +118,26 @@ export async function runInspect(image: string, opts: InspectCliOptions, io: Io)
   if (opts.block !== undefined) {
     throw new BlockError('invalid-argument', `${image}: --block is for VHD images; this image is ${dev.format}`, { path: image });
   }
+  if (layer instanceof VmdkLayer) {
+    const qcow2Only = [opts.l1 ? '--l1' : '', opts.l2 !== undefined ? '--l2' : '', opts.refcounts ? '--refcounts' : ''].filter(
+      (o) => o !== '',
+    );
+    if (qcow2Only.length > 0) {
+      throw new BlockError('invalid-argument', `${image}: ${qcow2Only.join(', ')} are for qcow2 images; this is a VMDK (use --gt N)`, {
+        path: image,
+      });
+    }
+    const report = await inspectVmdk(layer, opts.gt !== undefined ? { gt: opts.gt } : {});
+    await io.out(opts.output === 'json' ? JSON.stringify(report, jsonReplacer, 2) + '\n' : humanVmdkInspect(report));
+    return 0;
+  }
+  if (opts.gt !== undefined) {
+    throw new BlockError('invalid-argument', `${image}: --gt is for VMDK images; this image is ${dev.format}`, { path: image });
+  }
   if (!(layer instanceof Qcow2Layer)) {
-    throw new BlockError('not-supported', `${image}: inspect knows qcow2 and VHD structures; this image is ${dev.format}`, { path: image });
+    throw new BlockError('not-supported', `${image}: inspect knows qcow2, VHD and VMDK structures; this image is ${dev.format}`, {
+      path: image,
+    });
   }
   const report = await inspectQcow2(layer, opts);
   await io.out(opts.output === 'json' ? JSON.stringify(report, jsonReplacer, 2) + '\n' : humanInspect(report));

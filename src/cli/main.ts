@@ -7,8 +7,11 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { BlockError } from '../block/errors.js';
 import { parseSize } from '../util/size.js';
 import { reportError } from './errors.js';
+import { runCommit, runRebase, runResize } from './chain-ops.js';
+import { registerCompare } from './compare.js';
 import { runConvert } from './convert.js';
 import { runCreate } from './create.js';
+import { registerDelta } from './delta.js';
 import { runInfo } from './info.js';
 import { runInspect } from './inspect.js';
 import { processIo, type Io } from './io.js';
@@ -88,12 +91,17 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
       if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected a block number (a whole number)');
       return n;
     })
+    .option('--gt <n>', 'VMDK: decode grain table N (numbered across the sparse extents), entry by entry', (v) => {
+      const n = Number(v);
+      if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError('expected a grain table number (a whole number)');
+      return n;
+    })
     .addOption(outputOption())
     .addHelpText('after', '\nExamples:\n  rblock inspect disk.qcow2 --l1\n  rblock inspect disk.qcow2 --l2 0 --output json\n')
     .action(
       async (
         image: string,
-        o: { format?: string; l1?: boolean; l2?: number; refcounts?: boolean; block?: number; output: 'human' | 'json' },
+        o: { format?: string; l1?: boolean; l2?: number; refcounts?: boolean; block?: number; gt?: number; output: 'human' | 'json' },
       ) => {
         setExit(await runInspect(image, o, io));
       },
@@ -186,6 +194,44 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
         setExit(await runConvert(source, target, { ...o, noCreate: !o.create }, io));
       },
     );
+
+  program
+    .command('commit')
+    .description("Write an overlay's clusters into its backing file, then empty the overlay (like qemu-img commit).")
+    .argument('<image>', 'the overlay (qcow2)')
+    .option('-f, --format <fmt>', 'image format (default: probe)')
+    .option('-q, --quiet', 'print nothing')
+    .action(async (image: string, o: { format?: string; quiet?: boolean }) => {
+      setExit(await runCommit(image, o, io));
+    });
+
+  program
+    .command('rebase')
+    .description('Change the backing file of an image; safe mode keeps the guest content (like qemu-img rebase).')
+    .argument('<image>', 'the image (qcow2) to rebase')
+    .requiredOption('-b, --backing <file>', 'new backing file (relative to the image; "" for none)')
+    .option('-F, --backing-format <fmt>', 'format of the new backing file (default: probe)')
+    .option('-f, --format <fmt>', 'image format (default: probe)')
+    .option('-u, --unsafe', 'only rewrite the backing file name; copy nothing')
+    .addHelpText('after', '\nExamples:\n  rblock rebase -b new-base.qcow2 -F qcow2 overlay.qcow2\n  rblock rebase -u -b moved/base.qcow2 overlay.qcow2\n')
+    .action(async (image: string, o: { backing: string; backingFormat?: string; format?: string; unsafe?: boolean }) => {
+      setExit(await runRebase(image, o, io));
+    });
+
+  program
+    .command('resize')
+    .description('Change the virtual size of a qcow2 or raw image (like qemu-img resize).')
+    .argument('<image>', 'image file')
+    .argument('<size>', 'new size, or +SIZE / -SIZE relative to the current one (K, M, G, T)')
+    .option('-f, --format <fmt>', 'image format (default: probe)')
+    .option('--shrink', 'allow shrinking (refused if anything allocated would be cut)')
+    .option('-q, --quiet', 'print nothing')
+    .action(async (image: string, size: string, o: { format?: string; shrink?: boolean; quiet?: boolean }) => {
+      setExit(await runResize(image, size, o, io));
+    });
+
+  registerCompare(program, io, setExit);
+  registerDelta(program, io, setExit);
 
   return program;
 }

@@ -1,7 +1,7 @@
 /**
  * Formats we recognise only to refuse them with a clear message, so that a
- * VHDX or a Parallels image is never silently served as raw bytes. VMDK moves
- * out of this list when its driver lands (issue 7); VHD (vpc) has (issue 6).
+ * VHDX or a Parallels image is never silently served as raw bytes. VHD (vpc)
+ * and VMDK left this list when their drivers landed (issues 6 and 7).
  */
 import type { ProbeInput, RecognisedFormat } from './registry.js';
 
@@ -15,13 +15,6 @@ function magic(name: string, description: string, test: (p: ProbeInput) => boole
 }
 
 export const RECOGNISED_ONLY: readonly RecognisedFormat[] = [
-  // VMDK: hosted sparse extent magic 'KDMV', COWD, or a text descriptor.
-  magic('vmdk', 'VMDK', (p) => {
-    const m = ascii(p.head, 0, 4);
-    if (m === 'KDMV' || m === 'COWD') return true;
-    const text = ascii(p.head, 0, Math.min(p.head.length, 1024));
-    return /^#\s*Disk DescriptorFile/m.test(text) || /createType\s*=/.test(text);
-  }),
   magic('vhdx', 'VHDX (Hyper-V)', (p) => ascii(p.head, 0, 8) === 'vhdxfile'),
   magic('qed', 'QED', (p) => ascii(p.head, 0, 4) === 'QED\0'),
   magic(

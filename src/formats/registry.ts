@@ -14,6 +14,7 @@ import { qcow2Format } from './qcow2/index.js';
 import { rawFormat } from './raw/index.js';
 import { RECOGNISED_ONLY } from './recognised.js';
 import { vhdFormat } from './vhd/index.js';
+import { vmdkFormat } from './vmdk/index.js';
 
 export interface ProbeInput {
   /** The first bytes of the file (up to 4 KiB; shorter for small files). */
@@ -68,8 +69,7 @@ export interface RecognisedFormat {
   probe(p: ProbeInput): number;
 }
 
-// Later: the vmdk driver registers here and leaves RECOGNISED_ONLY.
-export const FORMATS: readonly FormatDriver[] = [qcow2Format, vhdFormat, rawFormat];
+export const FORMATS: readonly FormatDriver[] = [qcow2Format, vhdFormat, vmdkFormat, rawFormat];
 
 export function formatNames(): string[] {
   return FORMATS.map((f) => f.name);

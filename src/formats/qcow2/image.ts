@@ -35,9 +35,7 @@ function refuseWriting(path: string, h: Qcow2Header): void {
           ? `it has ${h.nbSnapshots} internal snapshot(s), and writing images with snapshots is not supported yet`
           : h.bitmaps !== null && (h.autoclear & C.AUTOCLEAR_BITMAPS) !== 0n
             ? 'it has persistent bitmaps, which rblock cannot keep up to date yet'
-            : h.extendedL2
-              ? 'writing extended-L2 (subcluster) images is not supported yet'
-              : h.cryptMethod !== 0
+            : h.cryptMethod !== 0
                 ? 'it is encrypted'
                 : null;
   if (why !== null) {

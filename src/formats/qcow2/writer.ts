@@ -163,6 +163,11 @@ export class Qcow2Writer {
       const l1i = Math.floor(ci / this.h.l2Entries);
       const idx = ci % this.h.l2Entries;
       const { table, l2Off } = await this.l2ForWrite(l1i);
+      if (this.h.extendedL2) {
+        pos = await this.writeSubclusters(buf, offset, pos, table, l2Off, idx, cStart);
+        await this.maybeFlush();
+        continue;
+      }
       const e = this.decode(table, idx);
       if (e.kind === 'normal' && (e.copied || this.external)) {
         // Overwrite in place: the cluster is ours alone. Extend over following in-place clusters that are contiguous on the host.
@@ -270,6 +275,67 @@ export class Qcow2Writer {
     return host;
   }
 
+  /**
+   * One cluster of an extended-L2 image (§4.3): only the touched subclusters
+   * are written (copy-on-write inside the first and last of them) and marked
+   * allocated; the others keep their zero or unallocated state. A compressed
+   * or shared cluster is copied whole into a new one. Returns the new position.
+   */
+  private async writeSubclusters(
+    buf: Uint8Array,
+    offset: number,
+    pos: number,
+    table: Uint8Array,
+    l2Off: number,
+    idx: number,
+    cStart: number,
+  ): Promise<number> {
+    const cs = this.cs;
+    const sc = cs / 32;
+    const end = offset + buf.length;
+    const guestEnd = Math.min(cStart + cs, this.h.size);
+    const wEnd = Math.min(guestEnd, end);
+    const dv = dataView(table);
+    const raw = dv.getBigUint64(idx * 16);
+    const bitmap = dv.getBigUint64(idx * 16 + 8);
+    const compressed = (raw & (1n << 62n)) !== 0n;
+    const host0 = compressed ? 0 : Number(raw & 0x00ff_ffff_ffff_fe00n);
+    const hasHost = !compressed && (host0 !== 0 || ((raw & COPIED) !== 0n && this.external));
+    let alloc = Number(bitmap & 0xffff_ffffn);
+    let zero = Number(bitmap >> 32n);
+    let from: number;
+    let to: number;
+    let host: number;
+    if (compressed || (hasHost && (raw & COPIED) === 0n && !this.external)) {
+      // Whole-cluster copy: every subcluster becomes allocated.
+      from = cStart;
+      to = guestEnd;
+      host = await this.alloc.allocate(1);
+      alloc = 0xffff_ffff;
+      zero = 0;
+    } else {
+      const s0 = Math.floor((pos - cStart) / sc);
+      const s1 = Math.floor((wEnd - 1 - cStart) / sc);
+      from = cStart + s0 * sc;
+      to = Math.min(cStart + (s1 + 1) * sc, guestEnd);
+      host = hasHost ? host0 : this.external ? cStart : await this.alloc.allocate(1);
+      const mask = (s1 === 31 ? 0xffff_ffff : 2 ** (s1 + 1) - 1) - (2 ** s0 - 1);
+      alloc = (alloc | mask) >>> 0;
+      zero = (zero & ~mask) >>> 0;
+    }
+    const region = new Uint8Array(to - from);
+    if (pos > from || wEnd < to) await this.img.readGuest(region, from);
+    region.set(buf.subarray(pos - offset, wEnd - offset), pos - from);
+    await this.hostFile().writeAt(region, host + (from - cStart));
+    const old = this.decode(table, idx);
+    dv.setBigUint64(idx * 16, BigInt(host) | COPIED);
+    dv.setBigUint64(idx * 16 + 8, (BigInt(zero) << 32n) | BigInt(alloc));
+    this.img.pinned.set(l2Off, table);
+    // The old storage (a compressed cluster, or a shared one we copied away from) loses a reference.
+    if (host !== host0 || compressed) this.release(old);
+    return wEnd;
+  }
+
   writeZeroes(offset: number, length: number, mayTrim: boolean): Promise<void> {
     return this.lock.run(() => this.zeroLocked(offset, length, mayTrim, false));
   }
@@ -313,6 +379,19 @@ export class Qcow2Writer {
       }
       const { table, l2Off } = await this.l2ForWrite(l1i);
       const e = this.decode(table, idx);
+      if (this.h.extendedL2) {
+        // All 32 subclusters read as zeros; the host cluster (if any) is released (§4.3).
+        const dv = dataView(table);
+        const allZero = 0xffff_ffff_0000_0000n;
+        if (dv.getBigUint64(idx * 16) === 0n && dv.getBigUint64(idx * 16 + 8) === allZero) continue;
+        if (isDiscard && e.kind === 'unallocated' && dv.getBigUint64(idx * 16 + 8) === 0n && !this.img.hasBacking) continue;
+        dv.setBigUint64(idx * 16, 0n);
+        dv.setBigUint64(idx * 16 + 8, allZero);
+        this.img.pinned.set(l2Off, table);
+        this.release(e);
+        await this.maybeFlush();
+        continue;
+      }
       let raw: bigint;
       if (isDiscard) {
         // qemu's discard: only allocated clusters (or any, with a backing file) change; v3 reads zeros after.

@@ -1,0 +1,350 @@
+/**
+ * `compare`: the guest ranges where two images (any formats rblock opens,
+ * backing chains flattened) differ, with `qemu-img compare`'s semantics:
+ * unallocated and zero read as zeros, so they equal zeros; when the sizes
+ * differ, the extra part of the larger image must be all zeros. In strict
+ * mode (-s) a difference in allocation status also counts, and so does a
+ * difference in size.
+ *
+ * The engine walks both images in big windows (4 MiB) read ahead of the
+ * comparison, asks block status first and reads nothing where a side is
+ * known to be zero, and compares with native Buffer.compare: whole 64 KiB
+ * blocks first, then 512-byte sectors only inside the blocks that differ.
+ * Memory is bounded by the windows in flight (plus the list of ranges, which
+ * a caller can stream instead with `onRange`).
+ *
+ * pairedWindows() is the reading half, shared with `delta`.
+ */
+import type { BlockDevice, Extent } from '../block/device.js';
+import { BlockError } from '../block/errors.js';
+import { allocAligned } from '../block/file.js';
+import { zeroBuffer } from '../block/zero.js';
+
+export const SECTOR = 512;
+const DEFAULT_WINDOW = 4 << 20;
+/** Windows read ahead of the one being compared. */
+const READ_AHEAD = 3;
+/** First-level compare granule: sectors are only compared inside blocks that differ. */
+const BLOCK = 64 << 10;
+
+/** Where a compare failed, for qemu-img's exit codes: 2 open, 3 block status, 4 read. */
+export type CompareStage = 'open' | 'status' | 'read';
+
+/** An error of compare or delta, tagged with the stage that failed. */
+export class CompareError extends BlockError {
+  constructor(
+    readonly stage: CompareStage,
+    e: unknown,
+  ) {
+    const be = e instanceof BlockError ? e : null;
+    super(be?.kind ?? 'io', be?.message ?? (e instanceof Error ? e.message : String(e)), be?.context ?? {}, e);
+    this.name = 'CompareError';
+  }
+}
+
+/** qemu-img compare's exit code for an error. */
+export function compareExitCode(e: unknown): number {
+  if (e instanceof CompareError) return e.stage === 'status' ? 3 : e.stage === 'read' ? 4 : 2;
+  return 2;
+}
+
+export interface ByteRange {
+  start: number;
+  length: number;
+}
+
+export interface CompareOptions {
+  /** qemu-img compare -s: allocation differences and a size difference also count. */
+  strict?: boolean;
+  /** Bytes per read window (default 4 MiB; rounded to whole 64 KiB blocks). */
+  window?: number;
+  /** Called with each merged differing range, in order, once it can no longer grow. */
+  onRange?: (r: ByteRange) => void;
+  /** Keep the ranges in the result (default true; false bounds memory with onRange). */
+  collectRanges?: boolean;
+  onProgress?: (done: number, total: number) => void;
+}
+
+/** Why the images first differ, as qemu-img compare reports it. */
+export type MismatchKind = 'content' | 'status' | 'size';
+
+export interface CompareResult {
+  identical: boolean;
+  /** The first differing byte offset (start of a 512-byte sector), or null. */
+  firstMismatch: number | null;
+  /** What qemu-img compare would report first: 'size' only in strict mode. */
+  reason: MismatchKind | null;
+  /** Merged differing ranges, whole 512-byte sectors (the last one clipped to the larger size). */
+  ranges: ByteRange[];
+  /** Number of 512-byte sectors (a partial last sector counts as one) in the ranges. */
+  changedSectors: number;
+  changedBytes: number;
+  sizeA: number;
+  sizeB: number;
+  sizeMismatch: boolean;
+  strict: boolean;
+  bytesRead: number;
+}
+
+/** One window of both devices. Data is null where a side reads as zeros throughout. */
+export interface PairedWindow {
+  offset: number;
+  length: number;
+  /** Extents of each side over the window; past a side's end one synthetic extent with `absent`. */
+  extA: WindowExtent[];
+  extB: WindowExtent[];
+  /** window-length buffers (zero-padded past the side's end), or null for all zeros. */
+  dataA: Buffer | null;
+  dataB: Buffer | null;
+}
+
+export interface WindowExtent extends Extent {
+  /** Past the end of this device: the range does not exist on this side. */
+  absent?: boolean;
+}
+
+export interface PairedOptions {
+  /** Window size, already a multiple of the alignment the caller needs. */
+  window: number;
+  /** Extent of the walk: [0, total). */
+  total: number;
+  /** Called to count bytes read. */
+  onRead?: (n: number) => void;
+}
+
+async function extentsOf(dev: BlockDevice, offset: number, length: number): Promise<Extent[]> {
+  const out: Extent[] = [];
+  let pos = offset;
+  try {
+    while (pos < offset + length) {
+      const ext = await dev.blockStatus(pos, offset + length - pos);
+      for (const e of ext) {
+        // Clip to the request (drivers may answer past it).
+        const s = Math.max(e.offset, pos);
+        const end = Math.min(e.offset + e.length, offset + length);
+        if (end > s) out.push(s === e.offset && end === e.offset + e.length ? e : { ...e, offset: s, length: end - s });
+      }
+      const last = ext[ext.length - 1] as Extent;
+      const next = last.offset + last.length;
+      if (!(next > pos)) throw new BlockError('io', `${dev.path ?? dev.format}: block status made no progress at ${pos}`, { offset: pos });
+      pos = next;
+    }
+  } catch (e) {
+    throw e instanceof CompareError ? e : new CompareError('status', e);
+  }
+  return out;
+}
+
+/**
+ * Walk [0, total) of two devices window by window, reading ahead. Each side is
+ * read only where its block status has non-zero extents in the window. The
+ * yielded buffers are reused once the consumer asks for the next window.
+ */
+export async function* pairedWindows(a: BlockDevice, b: BlockDevice, o: PairedOptions): AsyncGenerator<PairedWindow> {
+  const win = o.window;
+  const slots = Array.from({ length: READ_AHEAD + 1 }, () => ({ a: null as Buffer | null, b: null as Buffer | null }));
+  const free = [...slots];
+
+  const side = async (dev: BlockDevice, offset: number, len: number, slot: { a: Buffer | null; b: Buffer | null }, key: 'a' | 'b') => {
+    const have = Math.max(0, Math.min(len, dev.size - offset));
+    const ext: WindowExtent[] = have > 0 ? await extentsOf(dev, offset, have) : [];
+    if (have < len) ext.push({ offset: offset + have, length: len - have, zero: true, hole: true, allocated: false, absent: true });
+    if (ext.every((e) => e.zero)) return { ext, data: null };
+    slot[key] ??= allocAligned(win);
+    const buf = (slot[key] as Buffer).subarray(0, len);
+    try {
+      await dev.pread(buf.subarray(0, have), offset);
+    } catch (e) {
+      throw new CompareError('read', e);
+    }
+    o.onRead?.(have);
+    if (have < len) buf.fill(0, have);
+    return { ext, data: buf };
+  };
+
+  const read = async (offset: number, slot: (typeof slots)[number]): Promise<PairedWindow> => {
+    const length = Math.min(win, o.total - offset);
+    const [ra, rb] = await Promise.all([side(a, offset, length, slot, 'a'), side(b, offset, length, slot, 'b')]);
+    return { offset, length, extA: ra.ext, extB: rb.ext, dataA: ra.data, dataB: rb.data };
+  };
+
+  const pending: { p: Promise<PairedWindow>; slot: (typeof slots)[number] }[] = [];
+  let next = 0;
+  const fill = (): void => {
+    while (free.length > 0 && next < o.total) {
+      const slot = free.shift() as (typeof slots)[number];
+      const p = read(next, slot);
+      p.catch(() => {}); // surfaced when awaited below
+      pending.push({ p, slot });
+      next += win;
+    }
+  };
+  try {
+    fill();
+    while (pending.length > 0) {
+      const { p, slot } = pending.shift() as (typeof pending)[number];
+      const w = await p;
+      yield w;
+      free.push(slot);
+      fill();
+    }
+  } finally {
+    // Let reads still in flight settle before the caller closes the devices.
+    await Promise.allSettled(pending.map((x) => x.p));
+  }
+}
+
+/** Merges differing byte ranges, rounded out to 512-byte sectors, in increasing order. */
+class RangeSink {
+  ranges: ByteRange[] = [];
+  first: number | null = null;
+  sectors = 0;
+  bytes = 0;
+  private cur: { start: number; end: number } | null = null;
+
+  constructor(
+    private readonly limit: number,
+    private readonly collect: boolean,
+    private readonly onRange?: (r: ByteRange) => void,
+  ) {}
+
+  add(start: number, end: number): void {
+    const s = Math.floor(start / SECTOR) * SECTOR;
+    const e = Math.min(Math.ceil(end / SECTOR) * SECTOR, this.limit);
+    if (e <= s) return;
+    this.first ??= s;
+    if (this.cur !== null && s <= this.cur.end) {
+      if (e > this.cur.end) this.cur.end = e;
+      return;
+    }
+    this.emit();
+    this.cur = { start: s, end: e };
+  }
+
+  emit(): void {
+    if (this.cur === null) return;
+    const r = { start: this.cur.start, length: this.cur.end - this.cur.start };
+    this.sectors += Math.ceil(r.length / SECTOR);
+    this.bytes += r.length;
+    if (this.collect) this.ranges.push(r);
+    this.onRange?.(r);
+    this.cur = null;
+  }
+}
+
+/**
+ * Report every differing sector of [from, to) (window-relative indexes) between
+ * two buffers, either of which may be null for zeros: 64 KiB blocks first, then
+ * sectors. Sector boundaries are at multiples of 512 from the window start.
+ */
+function diffBuffers(a: Buffer | null, b: Buffer | null, from: number, to: number, add: (s: number, e: number) => void): void {
+  if (a === null && b === null) return;
+  const z = zeroBuffer(BLOCK);
+  // Compare x[xs, xe) with y at the same indexes (y null: zeros).
+  const same = (s: number, e: number): boolean => {
+    if (a !== null && b !== null) return a.compare(b, s, e, s, e) === 0;
+    const x = (a ?? b) as Buffer;
+    return x.compare(z, 0, e - s, s, e) === 0;
+  };
+  let pos = from;
+  while (pos < to) {
+    const blockEnd = Math.min(to, (Math.floor(pos / BLOCK) + 1) * BLOCK);
+    if (!same(pos, blockEnd)) {
+      for (let s = pos; s < blockEnd;) {
+        const e = Math.min(blockEnd, (Math.floor(s / SECTOR) + 1) * SECTOR);
+        if (!same(s, e)) add(s, e);
+        s = e;
+      }
+    }
+    pos = blockEnd;
+  }
+}
+
+/** The allocation status that strict mode compares (qemu's ALLOCATED, ZERO and DATA flags). */
+function statusKey(e: WindowExtent): string {
+  if (e.absent) return 'absent';
+  return `${(e.allocated ?? !e.hole) ? 'A' : '-'}${e.zero ? 'Z' : '-'}${e.hole ? '-' : 'D'}`;
+}
+
+/**
+ * Cut a window into segments where neither side's extent changes; calls fn
+ * with each segment and the extents of both sides covering it.
+ */
+export function forEachSegment(w: PairedWindow, fn: (start: number, end: number, ea: WindowExtent, eb: WindowExtent) => void): void {
+  const end = w.offset + w.length;
+  let i = 0;
+  let j = 0;
+  let pos = w.offset;
+  while (pos < end) {
+    while (i < w.extA.length && (w.extA[i] as WindowExtent).offset + (w.extA[i] as WindowExtent).length <= pos) i++;
+    while (j < w.extB.length && (w.extB[j] as WindowExtent).offset + (w.extB[j] as WindowExtent).length <= pos) j++;
+    const ea = w.extA[i];
+    const eb = w.extB[j];
+    if (ea === undefined || eb === undefined) throw new CompareError('status', new BlockError('io', `extents do not cover offset ${pos}`));
+    const segEnd = Math.min(end, ea.offset + ea.length, eb.offset + eb.length);
+    fn(pos, segEnd, ea, eb);
+    pos = segEnd;
+  }
+}
+
+/** Compare two open devices. */
+export async function compareImages(a: BlockDevice, b: BlockDevice, o: CompareOptions = {}): Promise<CompareResult> {
+  const strict = o.strict ?? false;
+  const total = Math.max(a.size, b.size);
+  const common = Math.min(a.size, b.size);
+  const win = Math.max(BLOCK, Math.floor((o.window ?? DEFAULT_WINDOW) / BLOCK) * BLOCK);
+  const sink = new RangeSink(total, o.collectRanges ?? true, o.onRange);
+  let reason: MismatchKind | null = null;
+  let bytesRead = 0;
+  const sizeMismatch = a.size !== b.size;
+  if (strict && sizeMismatch) reason = 'size';
+
+  for await (const w of pairedWindows(a, b, { window: win, total, onRead: (n) => (bytesRead += n) })) {
+    forEachSegment(w, (s, e, ea, eb) => {
+      const before = sink.first;
+      if (strict && statusKey(ea) !== statusKey(eb)) {
+        // Strict: a different allocation status (or a range only one image has) differs whole.
+        sink.add(s, e);
+      } else if (!(ea.zero && eb.zero)) {
+        diffBuffers(ea.zero ? null : w.dataA, eb.zero ? null : w.dataB, s - w.offset, e - w.offset, (x, y) =>
+          sink.add(w.offset + x, w.offset + y),
+        );
+      }
+      if (before === null && sink.first !== null) {
+        reason ??= strict && statusKey(ea) !== statusKey(eb) && s < common ? 'status' : 'content';
+      }
+    });
+    o.onProgress?.(w.offset + w.length, total);
+  }
+  sink.emit();
+  return {
+    identical: sink.first === null && !(strict && sizeMismatch),
+    firstMismatch: sink.first,
+    reason,
+    ranges: sink.ranges,
+    changedSectors: sink.sectors,
+    changedBytes: sink.bytes,
+    sizeA: a.size,
+    sizeB: b.size,
+    sizeMismatch,
+    strict,
+    bytesRead,
+  };
+}
+
+/**
+ * The line `qemu-img compare` prints first (its whole output, since it stops
+ * at the first difference): "Images are identical.", "Content mismatch at
+ * offset N!", "Strict mode: ...", preceded by "Warning: Image size mismatch!"
+ * when the sizes differ and the common part is equal.
+ */
+export function qemuStyleSummary(r: CompareResult): string[] {
+  const lines: string[] = [];
+  if (r.strict && r.sizeMismatch) return ['Strict mode: Image size mismatch!'];
+  const common = Math.min(r.sizeA, r.sizeB);
+  if (r.sizeMismatch && (r.firstMismatch === null || r.firstMismatch >= common)) lines.push('Warning: Image size mismatch!');
+  if (r.firstMismatch === null) lines.push('Images are identical.');
+  else if (r.reason === 'status') lines.push(`Strict mode: Offset ${r.firstMismatch} block status mismatch!`);
+  else lines.push(`Content mismatch at offset ${r.firstMismatch}!`);
+  return lines;
+}

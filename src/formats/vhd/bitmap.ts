@@ -1,0 +1,72 @@
+/**
+ * Sector bitmaps (spec digest §5): before each block's data, one bit per
+ * sector, most significant bit first; 1 = the sector is stored in this
+ * file, 0 = it is not (a dynamic disk reads zeros, a differencing disk reads
+ * its parent). Bitmaps go through a bounded LRU cache.
+ */
+import type { HostFile } from '../../block/file.js';
+import { LruCache } from '../qcow2/cache.js';
+import type { DynamicHeader } from './header.js';
+
+const CACHE_BYTES = 4 << 20;
+
+export interface BitRun {
+  /** First sector of the run, inside the block. */
+  start: number;
+  count: number;
+  present: boolean;
+}
+
+export class SectorBitmaps {
+  private readonly cache: LruCache<number, Uint8Array>;
+
+  constructor(
+    private readonly file: HostFile,
+    private readonly header: DynamicHeader,
+  ) {
+    this.cache = new LruCache(Math.max(4, Math.floor(CACHE_BYTES / header.bitmapSize)));
+  }
+
+  /** The bitmap stored at this file offset (the BAT checked at open that it lies inside the file). */
+  get(bitmapOffset: number): Promise<Uint8Array> {
+    return this.cache.get(bitmapOffset, async () => {
+      const b = new Uint8Array(this.header.bitmapSize);
+      await this.file.readExact(b, bitmapOffset, 'sector bitmap');
+      return b;
+    });
+  }
+
+  clear(): void {
+    this.cache.clear();
+  }
+}
+
+/** §5: bit for sector i: byte i/8, bit 7 - i%8. */
+export function sectorPresent(bitmap: Uint8Array, i: number): boolean {
+  return (((bitmap[i >> 3] as number) >> (7 - (i & 7))) & 1) === 1;
+}
+
+/** Runs of present / absent sectors over [first, first + count), whole bytes at a time where possible. */
+export function bitRuns(bitmap: Uint8Array, first: number, count: number): BitRun[] {
+  const runs: BitRun[] = [];
+  const push = (start: number, n: number, present: boolean): void => {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.present === present && last.start + last.count === start) last.count += n;
+    else runs.push({ start, count: n, present });
+  };
+  const end = first + count;
+  let i = first;
+  while (i < end) {
+    if ((i & 7) === 0 && i + 8 <= end) {
+      const byte = bitmap[i >> 3] as number;
+      if (byte === 0xff || byte === 0) {
+        push(i, 8, byte === 0xff);
+        i += 8;
+        continue;
+      }
+    }
+    push(i, 1, sectorPresent(bitmap, i));
+    i++;
+  }
+  return runs;
+}

@@ -1,0 +1,177 @@
+/**
+ * The two halves of a connection's byte stream.
+ *
+ * StreamReader pulls exact byte counts out of a socket and applies
+ * back-pressure: once `highWater` bytes sit unread (and no pending read needs
+ * more), the socket is paused, so a client that sends faster than the server
+ * works stops at TCP level instead of growing our memory.
+ *
+ * StreamWriter writes whole messages: every buffer of one send() goes out
+ * contiguously (one corked writev), so replies of requests completing in any
+ * order never interleave inside a chunk; a send resolves once the socket has
+ * drained below its high-water mark.
+ */
+import type { Duplex } from 'node:stream';
+import { BlockError } from '../block/errors.js';
+
+export class StreamClosed extends BlockError {
+  constructor(message: string) {
+    super('protocol', message, { op: 'nbd' });
+    this.name = 'StreamClosed';
+  }
+}
+
+export class StreamReader {
+  private chunks: Buffer[] = [];
+  private head = 0;
+  private avail = 0;
+  private want = 0;
+  private wake: (() => void) | null = null;
+  private end: Error | null = null;
+
+  constructor(
+    private readonly sock: Duplex,
+    private readonly highWater = 1 << 20,
+  ) {
+    sock.on('data', (b: Buffer) => {
+      this.chunks.push(b);
+      this.avail += b.length;
+      if (this.avail >= this.highWater && this.avail >= this.want) sock.pause();
+      this.notify();
+    });
+    sock.on('end', () => this.finish(new StreamClosed('the client closed the connection')));
+    sock.on('close', () => this.finish(new StreamClosed('the connection is closed')));
+    sock.on('error', (e: Error) => this.finish(new StreamClosed(`connection error: ${e.message}`)));
+  }
+
+  /** Bytes received and not yet read. */
+  get buffered(): number {
+    return this.avail;
+  }
+
+  /** Make pending and future reads fail with this error (e.g. on shutdown). */
+  abort(e: Error): void {
+    this.end = e;
+    this.chunks = [];
+    this.avail = 0;
+    this.head = 0;
+    this.notify();
+  }
+
+  private finish(e: Error): void {
+    if (this.end === null) this.end = e;
+    this.notify();
+  }
+
+  private notify(): void {
+    const w = this.wake;
+    if (w !== null) {
+      this.wake = null;
+      w();
+    }
+  }
+
+  /** Exactly n bytes, or throw StreamClosed when the stream ends first. */
+  async read(n: number): Promise<Buffer> {
+    while (this.avail < n) {
+      if (this.end !== null) throw this.end;
+      this.want = n;
+      if (this.sock.isPaused()) this.sock.resume();
+      await new Promise<void>((r) => (this.wake = r));
+    }
+    this.want = 0;
+    const out = this.take(n);
+    if (this.avail < this.highWater && this.sock.isPaused() && this.end === null) this.sock.resume();
+    return out;
+  }
+
+  /** Read and drop n bytes (an unwanted option or payload), without holding them all. */
+  async skip(n: number): Promise<void> {
+    let left = n;
+    while (left > 0) {
+      const k = Math.min(left, this.highWater);
+      await this.read(k);
+      left -= k;
+    }
+  }
+
+  private take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[0] as Buffer;
+    if (first.length - this.head >= n) {
+      const out = first.subarray(this.head, this.head + n);
+      this.head += n;
+      this.avail -= n;
+      if (this.head === first.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let done = 0;
+    while (done < n) {
+      const c = this.chunks[0] as Buffer;
+      const k = Math.min(c.length - this.head, n - done);
+      c.copy(out, done, this.head, this.head + k);
+      done += k;
+      this.head += k;
+      if (this.head === c.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+    }
+    this.avail -= n;
+    return out;
+  }
+}
+
+export class StreamWriter {
+  private failed = false;
+  private drainWait: Promise<void> | null = null;
+
+  constructor(private readonly sock: Duplex) {
+    sock.on('error', () => (this.failed = true));
+    sock.on('close', () => (this.failed = true));
+  }
+
+  /** False once the socket is gone: replies are then dropped silently. */
+  get alive(): boolean {
+    return !this.failed && !this.sock.destroyed && this.sock.writable;
+  }
+
+  /** Write one message (all buffers contiguously); resolves when the socket can take more. */
+  async send(bufs: readonly Uint8Array[]): Promise<void> {
+    if (!this.alive) return;
+    this.sock.cork();
+    for (const b of bufs) if (b.length > 0) this.sock.write(b);
+    this.sock.uncork();
+    if (this.sock.writableNeedDrain && this.alive) await this.drained();
+  }
+
+  /** One shared wait for 'drain' (or 'close'), however many senders wait. */
+  private drained(): Promise<void> {
+    if (this.drainWait === null) {
+      this.drainWait = new Promise<void>((resolve) => {
+        const done = (): void => {
+          this.sock.off('drain', done);
+          this.sock.off('close', done);
+          this.drainWait = null;
+          resolve();
+        };
+        this.sock.on('drain', done);
+        this.sock.on('close', done);
+      });
+    }
+    return this.drainWait;
+  }
+
+  /** Send what is queued, then close our side. */
+  async end(): Promise<void> {
+    if (!this.alive) return;
+    await new Promise<void>((resolve) => {
+      this.sock.end(() => resolve());
+      this.sock.once('close', () => resolve());
+    });
+  }
+}

@@ -1,0 +1,408 @@
+/**
+ * The transmission phase: read a request, validate it, dispatch it to the
+ * device, reply. Requests run concurrently and reply as they complete; the
+ * reader stops taking requests while too many requests or bytes are in
+ * flight, which stops reading the socket (back-pressure to the client).
+ *
+ * Every request is validated here before it reaches the device, with the
+ * protocol's errno values; failures of the device map to errno through the
+ * one table ERRNO_OF_KIND. A peer that breaks the framing (bad magic, a
+ * payload beyond 32 MiB) loses its connection; everything else is an error
+ * reply and the connection goes on.
+ */
+import type { BlockDevice, Extent } from '../block/device.js';
+import { BlockError, type ErrorKind } from '../block/errors.js';
+import {
+  decodeRequest,
+  encodeBlockStatusChunk,
+  encodeErrorChunk,
+  encodeNoneChunk,
+  encodeOffsetDataHeader,
+  encodeOffsetHole,
+  encodeSimpleReply,
+  requestSize,
+  type Request,
+  type StatusDescriptor,
+} from './codec.js';
+import type { ContextKind, ServedExport } from './exports.js';
+import type { Session } from './handshake.js';
+import { Cmd, CmdFlag, Errno, MAX_PAYLOAD, REPLY_FLAG_DONE, STATE_HOLE, STATE_ZERO, cmdName, errnoName, type NbdErrno } from './protocol.js';
+import { StreamClosed, type StreamReader, type StreamWriter } from './stream.js';
+
+/** The one mapping from BlockError kinds to NBD errors. */
+export const ERRNO_OF_KIND: Readonly<Record<ErrorKind, NbdErrno>> = {
+  io: Errno.EIO,
+  'invalid-argument': Errno.EINVAL,
+  'out-of-bounds': Errno.EINVAL,
+  'read-only': Errno.EPERM,
+  'no-space': Errno.ENOSPC,
+  'not-supported': Errno.ENOTSUP,
+  'invalid-image': Errno.EIO,
+  'corrupt-image': Errno.EIO,
+  'unsupported-feature': Errno.EIO,
+  'not-found': Errno.EIO,
+  protocol: Errno.EINVAL,
+};
+
+/** A request refused with this errno (validation, or a device failure). */
+export class RequestError extends Error {
+  constructor(
+    readonly errno: NbdErrno,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'RequestError';
+  }
+}
+
+export function errnoOf(e: unknown): NbdErrno {
+  if (e instanceof RequestError) return e.errno;
+  if (e instanceof BlockError) return ERRNO_OF_KIND[e.kind];
+  const code = (e as NodeJS.ErrnoException | null)?.code;
+  if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') return Errno.ENOSPC;
+  if (code === 'EROFS' || code === 'EPERM' || code === 'EACCES') return Errno.EPERM;
+  return Errno.EIO;
+}
+
+export interface TransmissionLimits {
+  /** Requests being processed at once on one connection. */
+  maxInFlightRequests: number;
+  /** Bytes of request payloads and read buffers held at once on one connection. */
+  maxInFlightBytes: number;
+}
+
+export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = { maxInFlightRequests: 64, maxInFlightBytes: 64 << 20 };
+
+/** How the connection ended. */
+export type TransmissionEnd = 'disc' | 'closed' | 'protocol-error' | 'stopped';
+
+/** Block status answers examine at most this many device extents per request. */
+const MAX_STATUS_EXTENTS = 16384;
+/** ... in device calls of at most this span, so a huge request cannot make one call huge. */
+const STATUS_WINDOW = 1 << 30;
+
+/** A request that passed validation: numbers are safe integers inside the export. */
+interface Valid {
+  req: Request;
+  offset: number;
+  length: number;
+}
+
+export class Transmission {
+  private inflight = 0;
+  private inflightBytes = 0;
+  private budgetWaiter: (() => void) | null = null;
+  private stopping = false;
+  private readonly tasks = new Set<Promise<void>>();
+  private readonly exp: ServedExport;
+  private readonly dev: BlockDevice;
+  private readonly extended: boolean;
+  private readonly structured: boolean;
+
+  constructor(
+    private readonly reader: StreamReader,
+    private readonly writer: StreamWriter,
+    private readonly session: Session,
+    private readonly limits: TransmissionLimits,
+    private readonly log: (msg: string) => void,
+  ) {
+    this.exp = session.export;
+    this.dev = session.export.device;
+    this.extended = session.mode === 'extended';
+    this.structured = session.mode !== 'simple';
+  }
+
+  /** Stop taking requests (server shutdown); run() resolves once those in flight have replied. */
+  stop(): void {
+    this.stopping = true;
+    this.reader.abort(new StreamClosed('the server is shutting down'));
+    this.wakeBudget();
+  }
+
+  async run(): Promise<TransmissionEnd> {
+    let end: TransmissionEnd = 'closed';
+    const hsize = requestSize(this.extended);
+    try {
+      for (;;) {
+        await this.waitBudget();
+        if (this.stopping) {
+          end = 'stopped';
+          break;
+        }
+        const req = decodeRequest(await this.reader.read(hsize), this.extended);
+        if (req.type === Cmd.DISC) {
+          end = 'disc';
+          break;
+        }
+        const payloadLen = this.payloadLength(req);
+        if (payloadLen > MAX_PAYLOAD) {
+          throw new BlockError('protocol', `${cmdName(req.type)} with a payload of ${payloadLen} bytes (at most ${MAX_PAYLOAD})`);
+        }
+        const payload = payloadLen > 0 ? await this.reader.read(payloadLen) : null;
+        const cost = payloadLen + (req.type === Cmd.READ ? Math.min(Number(req.length), MAX_PAYLOAD) : 0);
+        this.start(req, payload, cost);
+      }
+    } catch (e) {
+      if (this.stopping) end = 'stopped';
+      else if (e instanceof StreamClosed) end = 'closed';
+      else if (e instanceof BlockError && e.kind === 'protocol') {
+        this.log(`protocol error, dropping the client: ${e.message}`);
+        end = 'protocol-error';
+      } else throw e;
+    }
+    await this.drain();
+    return end;
+  }
+
+  /** Wait until every request in flight has replied. */
+  async drain(): Promise<void> {
+    while (this.tasks.size > 0) await Promise.all([...this.tasks]);
+  }
+
+  /** Bytes that follow the header: WRITE data, or any payload announced with PAYLOAD_LEN. */
+  private payloadLength(req: Request): number {
+    const has = req.type === Cmd.WRITE || (this.extended && (req.flags & CmdFlag.PAYLOAD_LEN) !== 0);
+    if (!has) return 0;
+    return req.length > BigInt(MAX_PAYLOAD) ? Number.POSITIVE_INFINITY : Number(req.length);
+  }
+
+  private start(req: Request, payload: Buffer | null, cost: number): void {
+    this.inflight++;
+    this.inflightBytes += cost;
+    const task = this.handle(req, payload).finally(() => {
+      this.inflight--;
+      this.inflightBytes -= cost;
+      this.tasks.delete(task);
+      this.wakeBudget();
+    });
+    this.tasks.add(task);
+  }
+
+  private async waitBudget(): Promise<void> {
+    while (!this.stopping && (this.inflight >= this.limits.maxInFlightRequests || this.inflightBytes >= this.limits.maxInFlightBytes)) {
+      await new Promise<void>((r) => (this.budgetWaiter = r));
+    }
+  }
+
+  private wakeBudget(): void {
+    const w = this.budgetWaiter;
+    this.budgetWaiter = null;
+    w?.();
+  }
+
+  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+    let out: Uint8Array[];
+    try {
+      out = await this.dispatch(this.validate(req, payload), payload);
+    } catch (e) {
+      const errno = errnoOf(e);
+      const msg = e instanceof Error ? e.message : String(e);
+      if (!(e instanceof RequestError)) this.log(`${cmdName(req.type)} at ${req.offset} length ${req.length} failed (${errnoName(errno)}): ${msg}`);
+      out = [this.errorReply(req, errno, msg)];
+    }
+    try {
+      await this.writer.send(out);
+    } catch {
+      // The client is gone; nothing left to tell it.
+    }
+  }
+
+  // ------------------------------------------------------------ validation
+
+  private validate(req: Request, payload: Buffer | null): Valid {
+    const { type, flags } = req;
+    const name = cmdName(type);
+    const isWrite = type === Cmd.WRITE || type === Cmd.TRIM || type === Cmd.WRITE_ZEROES;
+    if (type > Cmd.BLOCK_STATUS) throw new RequestError(Errno.EINVAL, `unsupported command ${type}`);
+    if (isWrite && this.exp.readOnly) throw new RequestError(Errno.EPERM, `${name} on a read-only export`);
+
+    let valid: number = CmdFlag.FUA;
+    if (type === Cmd.READ && this.structured) valid |= CmdFlag.DF;
+    if (type === Cmd.WRITE && this.extended) valid |= CmdFlag.PAYLOAD_LEN;
+    if (type === Cmd.WRITE_ZEROES) valid |= CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO;
+    if (type === Cmd.BLOCK_STATUS) valid |= CmdFlag.REQ_ONE;
+    if ((flags & ~valid) !== 0) throw new RequestError(Errno.EINVAL, `${name}: unsupported flags 0x${flags.toString(16)}`);
+    if (payload !== null && type !== Cmd.WRITE) throw new RequestError(Errno.EINVAL, `${name} does not take a payload`);
+
+    if (type === Cmd.FLUSH) {
+      if (req.offset !== 0n || req.length !== 0n) throw new RequestError(Errno.EINVAL, `${name} with a nonzero offset or length`);
+      return { req, offset: 0, length: 0 };
+    }
+    if (req.length === 0n) throw new RequestError(Errno.EINVAL, `${name} of zero bytes`);
+    if (type === Cmd.READ && req.length > BigInt(MAX_PAYLOAD)) {
+      throw new RequestError(Errno.EOVERFLOW, `${name} of ${req.length} bytes is larger than the maximum ${MAX_PAYLOAD}`);
+    }
+    const size = BigInt(this.dev.size);
+    if (req.offset > size || req.length > size - req.offset) {
+      const errno = type === Cmd.WRITE || type === Cmd.WRITE_ZEROES ? Errno.ENOSPC : Errno.EINVAL;
+      throw new RequestError(errno, `${name} past the end of the export: offset ${req.offset} length ${req.length}, size ${size}`);
+    }
+    if (type === Cmd.BLOCK_STATUS && this.session.contexts.length === 0) {
+      throw new RequestError(Errno.EINVAL, `${name} without a meta context negotiated`);
+    }
+    if (type === Cmd.WRITE_ZEROES && (flags & CmdFlag.FAST_ZERO) !== 0 && !this.dev.caps.zero) {
+      throw new RequestError(Errno.ENOTSUP, `${name}: fast zeroing is not possible on this export`);
+    }
+    return { req, offset: Number(req.offset), length: Number(req.length) };
+  }
+
+  // -------------------------------------------------------------- dispatch
+
+  private async dispatch(v: Valid, payload: Buffer | null): Promise<Uint8Array[]> {
+    const { req, offset, length } = v;
+    const fua = (req.flags & CmdFlag.FUA) !== 0;
+    switch (req.type) {
+      case Cmd.READ:
+        return this.read(v);
+      case Cmd.WRITE:
+        await this.dev.pwrite(payload as Buffer, offset, { fua });
+        return this.okReply(req);
+      case Cmd.FLUSH:
+        if (!this.exp.readOnly) await this.dev.flush();
+        return this.okReply(req);
+      case Cmd.TRIM:
+        await this.dev.discard(offset, length, { fua });
+        return this.okReply(req);
+      case Cmd.CACHE:
+        // A hint with no effect on contents; the range was checked.
+        return this.okReply(req);
+      case Cmd.WRITE_ZEROES:
+        await this.dev.writeZeroes(offset, length, { fua, mayTrim: (req.flags & CmdFlag.NO_HOLE) === 0 });
+        return this.okReply(req);
+      case Cmd.BLOCK_STATUS:
+        return this.blockStatus(v);
+      default:
+        throw new RequestError(Errno.EINVAL, `unsupported command ${req.type}`);
+    }
+  }
+
+  private okReply(req: Request): Uint8Array[] {
+    if (this.extended) return [encodeNoneChunk(true, REPLY_FLAG_DONE, req.cookie, req.offset)];
+    return [encodeSimpleReply(0, req.cookie)];
+  }
+
+  private errorReply(req: Request, errno: number, message: string): Uint8Array {
+    if (!this.structured) return encodeSimpleReply(errno, req.cookie);
+    return encodeErrorChunk(this.extended, REPLY_FLAG_DONE, req.cookie, req.offset, errno, message);
+  }
+
+  /**
+   * READ: with structured replies, holes (runs that read as zeros) become
+   * OFFSET_HOLE chunks and are not read at all, unless DF asks for one chunk.
+   * Everything is read before the first byte is sent, so an error is always
+   * one clean error reply.
+   */
+  private async read(v: Valid): Promise<Uint8Array[]> {
+    const { req, offset, length } = v;
+    const buf = Buffer.allocUnsafe(length);
+    if (!this.structured) {
+      await this.dev.pread(buf, offset);
+      return [encodeSimpleReply(0, req.cookie), buf];
+    }
+    const df = (req.flags & CmdFlag.DF) !== 0;
+    let runs: Array<{ offset: number; length: number; zero: boolean }>;
+    if (df || !this.dev.caps.blockStatus) runs = [{ offset, length, zero: false }];
+    else runs = mergeRuns(await collectExtents(this.dev, offset, length), (e) => e.zero);
+    await Promise.all(runs.filter((r) => !r.zero).map((r) => this.dev.pread(buf.subarray(r.offset - offset, r.offset - offset + r.length), r.offset)));
+    const out: Uint8Array[] = [];
+    runs.forEach((r, i) => {
+      const flags = i === runs.length - 1 ? REPLY_FLAG_DONE : 0;
+      if (r.zero) out.push(encodeOffsetHole(this.extended, flags, req.cookie, req.offset, r.offset, r.length));
+      else {
+        out.push(encodeOffsetDataHeader(this.extended, flags, req.cookie, req.offset, r.offset, r.length));
+        out.push(buf.subarray(r.offset - offset, r.offset - offset + r.length));
+      }
+    });
+    return out;
+  }
+
+  /** BLOCK_STATUS: one chunk per selected context, from the same device extents. */
+  private async blockStatus(v: Valid): Promise<Uint8Array[]> {
+    const { req, offset, length } = v;
+    const reqOne = (req.flags & CmdFlag.REQ_ONE) !== 0;
+    const extents = await collectExtents(this.dev, offset, length, reqOne ? { maxCalls: 1 } : { maxExtents: MAX_STATUS_EXTENTS });
+    const contexts = this.session.contexts;
+    return contexts.map((ctx, i) => {
+      const status = statusFunction(ctx.kind, this.exp.chain);
+      let desc = mergeDescriptors(extents, status);
+      if (reqOne) desc = desc.slice(0, 1);
+      const flags = i === contexts.length - 1 ? REPLY_FLAG_DONE : 0;
+      return encodeBlockStatusChunk(this.extended, flags, req.cookie, req.offset, ctx.id, desc);
+    });
+  }
+}
+
+/**
+ * Device extents covering a prefix of [offset, offset+length), clipped to the
+ * range: all of it, unless maxCalls device calls or maxExtents stop early.
+ */
+export async function collectExtents(
+  dev: BlockDevice,
+  offset: number,
+  length: number,
+  limits: { maxCalls?: number; maxExtents?: number } = {},
+): Promise<Extent[]> {
+  const maxCalls = limits.maxCalls ?? Number.POSITIVE_INFINITY;
+  const maxExtents = limits.maxExtents ?? Number.POSITIVE_INFINITY;
+  const out: Extent[] = [];
+  const end = offset + length;
+  let pos = offset;
+  for (let calls = 0; pos < end && calls < maxCalls && out.length < maxExtents; calls++) {
+    const ext = await dev.blockStatus(pos, Math.min(end - pos, STATUS_WINDOW));
+    const before = pos;
+    for (const e of ext) {
+      const s = Math.max(e.offset, pos);
+      const t = Math.min(e.offset + e.length, end);
+      if (s !== pos || t <= s) break;
+      out.push(s === e.offset && t === e.offset + e.length ? e : { ...e, offset: s, length: t - s });
+      pos = t;
+    }
+    if (pos === before) throw new BlockError('io', `block status made no progress at offset ${pos}`, { op: 'block-status' });
+  }
+  return out;
+}
+
+/** Adjacent extents with the same key, as runs. */
+function mergeRuns<K>(extents: readonly Extent[], key: (e: Extent) => K): Array<{ offset: number; length: number; zero: boolean }> {
+  const out: Array<{ offset: number; length: number; zero: boolean; k: K }> = [];
+  for (const e of extents) {
+    const k = key(e);
+    const last = out[out.length - 1];
+    if (last !== undefined && last.k === k) last.length += e.length;
+    else out.push({ offset: e.offset, length: e.length, zero: e.zero, k });
+  }
+  return out;
+}
+
+function mergeDescriptors(extents: readonly Extent[], status: (e: Extent) => number): StatusDescriptor[] {
+  const out: StatusDescriptor[] = [];
+  for (const e of extents) {
+    const s = status(e);
+    const last = out[out.length - 1];
+    if (last !== undefined && last.status === s) last.length += e.length;
+    else out.push({ length: e.length, status: s });
+  }
+  return out;
+}
+
+function statusFunction(kind: ContextKind, chain: readonly BlockDevice[]): (e: Extent) => number {
+  if (kind === 'allocation') return (e) => (e.hole ? STATE_HOLE : 0) | (e.zero ? STATE_ZERO : 0);
+  return (e) => allocationDepth(e, chain);
+}
+
+/**
+ * qemu:allocation-depth of an extent: 0 when no layer allocates it, else the
+ * 1-based layer that does (1 = the top image).
+ *
+ * Extent.depth counts from 0 at the top. For an unallocated extent, chain.ts
+ * reports the layer where the lookup stopped: either the bottom of the chain
+ * (no backing file: qemu says 0) or a layer whose backing file is shorter
+ * than the offset. qemu counts the zeros it synthesizes past the end of a
+ * short backing file as allocated in that backing file, so the depth is
+ * then the backing file's: (layer + 1) + 1.
+ */
+export function allocationDepth(e: Extent, chain: readonly BlockDevice[]): number {
+  const depth = e.depth ?? 0;
+  if (e.allocated ?? !e.hole) return depth + 1;
+  return chain[depth + 1] !== undefined ? depth + 2 : 0;
+}
