@@ -45,7 +45,11 @@ export async function runCompare(pathA: string, pathB: string, o: CompareCliOpti
       sizeMismatch: r.sizeMismatch,
       strict: r.strict,
     };
-    await io.out(JSON.stringify(out, null, 2) + '\n');
+    // One range per line: a long list stays readable and compact.
+    const text = JSON.stringify(out, null, 2).replace(/"ranges": \[[^\]]*\]/, () =>
+      ranges.length === 0 ? '"ranges": []' : `"ranges": [\n${ranges.map((x) => `    ${JSON.stringify(x)}`).join(',\n')}\n  ]`,
+    );
+    await io.out(text + '\n');
   } else {
     let text = qemuStyleSummary(r).join('\n') + '\n';
     if (ranges.length > 0) {

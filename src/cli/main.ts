@@ -8,6 +8,7 @@ import { BlockError } from '../block/errors.js';
 import { parseSize } from '../util/size.js';
 import { reportError } from './errors.js';
 import { runCommit, runRebase, runResize } from './chain-ops.js';
+import { registerCheck } from './check.js';
 import { registerCompare } from './compare.js';
 import { runConvert } from './convert.js';
 import { runCreate } from './create.js';
@@ -154,6 +155,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     );
 
   registerServe(program, io, setExit);
+  registerCheck(program, io, setExit);
 
   program
     .command('convert')
@@ -213,7 +215,10 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .option('-F, --backing-format <fmt>', 'format of the new backing file (default: probe)')
     .option('-f, --format <fmt>', 'image format (default: probe)')
     .option('-u, --unsafe', 'only rewrite the backing file name; copy nothing')
-    .addHelpText('after', '\nExamples:\n  rblock rebase -b new-base.qcow2 -F qcow2 overlay.qcow2\n  rblock rebase -u -b moved/base.qcow2 overlay.qcow2\n')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  rblock rebase -b new-base.qcow2 -F qcow2 overlay.qcow2\n  rblock rebase -u -b moved/base.qcow2 overlay.qcow2\n',
+    )
     .action(async (image: string, o: { backing: string; backingFormat?: string; format?: string; unsafe?: boolean }) => {
       setExit(await runRebase(image, o, io));
     });

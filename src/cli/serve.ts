@@ -41,10 +41,12 @@ export function parseListenAddress(text: string): { host: string; port: number }
 
 function listenAddress(o: ServeOptions): ListenAddress {
   const tcp = o.nbd !== undefined || o.port !== undefined || o.bind !== undefined;
-  if (o.socket !== undefined && tcp) throw new BlockError('invalid-argument', 'use either --socket or a TCP address (--nbd, --port, --bind), not both');
+  if (o.socket !== undefined && tcp)
+    throw new BlockError('invalid-argument', 'use either --socket or a TCP address (--nbd, --port, --bind), not both');
   if (o.socket !== undefined) return { path: o.socket };
   if (o.nbd !== undefined) {
-    if (o.port !== undefined || o.bind !== undefined) throw new BlockError('invalid-argument', '--nbd already gives the address; drop --port/--bind');
+    if (o.port !== undefined || o.bind !== undefined)
+      throw new BlockError('invalid-argument', '--nbd already gives the address; drop --port/--bind');
     return parseListenAddress(o.nbd);
   }
   const port = o.port === undefined ? DEFAULT_PORT : parseListenAddress(o.port).port;
@@ -98,7 +100,8 @@ export async function runServe(image: string | undefined, o: ServeOptions, io: I
   const shared = o.shared ?? 1;
   const devices: BlockDevice[] = [];
   const closeDevices = async (): Promise<void> => {
-    for (const d of devices.splice(0)) await d.close().catch((e: unknown) => io.err(`rblock: closing ${d.path ?? d.format}: ${String(e)}\n`));
+    for (const d of devices.splice(0))
+      await d.close().catch((e: unknown) => io.err(`rblock: closing ${d.path ?? d.format}: ${String(e)}\n`));
   };
   const exports: NbdExport[] = [];
   try {

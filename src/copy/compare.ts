@@ -70,9 +70,12 @@ export type MismatchKind = 'content' | 'status' | 'size';
 
 export interface CompareResult {
   identical: boolean;
-  /** The first differing byte offset (start of a 512-byte sector), or null. */
+  /**
+   * The offset qemu-img compare reports: the start of the first differing 512-byte sector
+   * (counted from the end of the smaller image past it, when that size is not a multiple of 512), or null.
+   */
   firstMismatch: number | null;
-  /** What qemu-img compare would report first: 'size' only in strict mode. */
+  /** What qemu-img compare would report first: 'size' only in strict mode (sizes in different sector counts). */
   reason: MismatchKind | null;
   /** Merged differing ranges, whole 512-byte sectors (the last one clipped to the larger size). */
   ranges: ByteRange[];
@@ -142,16 +145,22 @@ async function extentsOf(dev: BlockDevice, offset: number, length: number): Prom
  */
 export async function* pairedWindows(a: BlockDevice, b: BlockDevice, o: PairedOptions): AsyncGenerator<PairedWindow> {
   const win = o.window;
-  const slots = Array.from({ length: READ_AHEAD + 1 }, () => ({ a: null as Buffer | null, b: null as Buffer | null }));
+  // One page-aligned allocation for every buffer (made on the first read that needs one).
+  let pool: Buffer | null = null;
+  const slots = Array.from({ length: READ_AHEAD + 1 }, (_, i) => ({ a: null as Buffer | null, b: null as Buffer | null, i }));
   const free = [...slots];
+  const bufferOf = (slot: (typeof slots)[number], key: 'a' | 'b'): Buffer => {
+    pool ??= allocAligned(slots.length * 2 * win);
+    const at = (slot.i * 2 + (key === 'a' ? 0 : 1)) * win;
+    return (slot[key] ??= pool.subarray(at, at + win));
+  };
 
-  const side = async (dev: BlockDevice, offset: number, len: number, slot: { a: Buffer | null; b: Buffer | null }, key: 'a' | 'b') => {
+  const side = async (dev: BlockDevice, offset: number, len: number, slot: (typeof slots)[number], key: 'a' | 'b') => {
     const have = Math.max(0, Math.min(len, dev.size - offset));
     const ext: WindowExtent[] = have > 0 ? await extentsOf(dev, offset, have) : [];
     if (have < len) ext.push({ offset: offset + have, length: len - have, zero: true, hole: true, allocated: false, absent: true });
     if (ext.every((e) => e.zero)) return { ext, data: null };
-    slot[key] ??= allocAligned(win);
-    const buf = (slot[key] as Buffer).subarray(0, len);
+    const buf = bufferOf(slot, key).subarray(0, len);
     try {
       await dev.pread(buf.subarray(0, have), offset);
     } catch (e) {
@@ -197,7 +206,6 @@ export async function* pairedWindows(a: BlockDevice, b: BlockDevice, o: PairedOp
 /** Merges differing byte ranges, rounded out to 512-byte sectors, in increasing order. */
 class RangeSink {
   ranges: ByteRange[] = [];
-  first: number | null = null;
   sectors = 0;
   bytes = 0;
   private cur: { start: number; end: number } | null = null;
@@ -212,7 +220,6 @@ class RangeSink {
     const s = Math.floor(start / SECTOR) * SECTOR;
     const e = Math.min(Math.ceil(end / SECTOR) * SECTOR, this.limit);
     if (e <= s) return;
-    this.first ??= s;
     if (this.cur !== null && s <= this.cur.end) {
       if (e > this.cur.end) this.cur.end = e;
       return;
@@ -234,28 +241,37 @@ class RangeSink {
 
 /**
  * Report every differing sector of [from, to) (window-relative indexes) between
- * two buffers, either of which may be null for zeros: 64 KiB blocks first, then
- * sectors. Sector boundaries are at multiples of 512 from the window start.
+ * two buffers, either of which may be null for zeros, in increasing order.
+ * Sector boundaries are at multiples of 512 from the window start. Each 64 KiB
+ * block is compared whole first; a block that differs is bisected down to
+ * sectors, so sparse changes cost a few compares per changed sector instead of
+ * one per sector (and dense ones at most twice as many).
  */
 function diffBuffers(a: Buffer | null, b: Buffer | null, from: number, to: number, add: (s: number, e: number) => void): void {
   if (a === null && b === null) return;
   const z = zeroBuffer(BLOCK);
-  // Compare x[xs, xe) with y at the same indexes (y null: zeros).
+  // Compare [s, e) of both sides (null: zeros).
   const same = (s: number, e: number): boolean => {
     if (a !== null && b !== null) return a.compare(b, s, e, s, e) === 0;
     const x = (a ?? b) as Buffer;
     return x.compare(z, 0, e - s, s, e) === 0;
   };
+  // [s, e) is known to differ: split at a sector boundary near the middle until one sector is left.
+  const bisect = (s: number, e: number): void => {
+    const first = Math.floor(s / SECTOR);
+    const last = Math.ceil(e / SECTOR);
+    if (last - first <= 1) {
+      add(s, e);
+      return;
+    }
+    const mid = Math.max(s, Math.floor((first + last) / 2) * SECTOR);
+    if (!same(s, mid)) bisect(s, mid);
+    if (!same(mid, e)) bisect(mid, e);
+  };
   let pos = from;
   while (pos < to) {
     const blockEnd = Math.min(to, (Math.floor(pos / BLOCK) + 1) * BLOCK);
-    if (!same(pos, blockEnd)) {
-      for (let s = pos; s < blockEnd;) {
-        const e = Math.min(blockEnd, (Math.floor(s / SECTOR) + 1) * SECTOR);
-        if (!same(s, e)) add(s, e);
-        s = e;
-      }
-    }
+    if (!same(pos, blockEnd)) bisect(pos, blockEnd);
     pos = blockEnd;
   }
 }
@@ -287,39 +303,61 @@ export function forEachSegment(w: PairedWindow, fn: (start: number, end: number,
   }
 }
 
+function sectorCount(size: number): number {
+  return Math.ceil(size / SECTOR);
+}
+
+/** Index of the first byte in [from, to) where the buffers differ (null: zeros); `to` if none. */
+function firstDiffByte(a: Buffer | null, b: Buffer | null, from: number, to: number): number {
+  for (let i = from; i < to; i++) if ((a === null ? 0 : a[i]) !== (b === null ? 0 : b[i])) return i;
+  return to;
+}
+
 /** Compare two open devices. */
 export async function compareImages(a: BlockDevice, b: BlockDevice, o: CompareOptions = {}): Promise<CompareResult> {
   const strict = o.strict ?? false;
   const total = Math.max(a.size, b.size);
-  const common = Math.min(a.size, b.size);
   const win = Math.max(BLOCK, Math.floor((o.window ?? DEFAULT_WINDOW) / BLOCK) * BLOCK);
   const sink = new RangeSink(total, o.collectRanges ?? true, o.onRange);
   let reason: MismatchKind | null = null;
+  let first: number | null = null;
   let bytesRead = 0;
   const sizeMismatch = a.size !== b.size;
-  if (strict && sizeMismatch) reason = 'size';
+  // qemu sizes images in whole sectors: sizes within the same last sector are not a size mismatch for it.
+  const sectorSizeMismatch = sectorCount(a.size) !== sectorCount(b.size);
+  if (strict && sectorSizeMismatch) reason = 'size';
 
   for await (const w of pairedWindows(a, b, { window: win, total, onRead: (n) => (bytesRead += n) })) {
     forEachSegment(w, (s, e, ea, eb) => {
-      const before = sink.first;
-      if (strict && statusKey(ea) !== statusKey(eb)) {
+      const statusDiffers = strict && statusKey(ea) !== statusKey(eb);
+      if (statusDiffers) {
         // Strict: a different allocation status (or a range only one image has) differs whole.
         sink.add(s, e);
+        if (first === null) {
+          first = s;
+          reason ??= 'status';
+        }
       } else if (!(ea.zero && eb.zero)) {
-        diffBuffers(ea.zero ? null : w.dataA, eb.zero ? null : w.dataB, s - w.offset, e - w.offset, (x, y) =>
-          sink.add(w.offset + x, w.offset + y),
-        );
-      }
-      if (before === null && sink.first !== null) {
-        reason ??= strict && statusKey(ea) !== statusKey(eb) && s < common ? 'status' : 'content';
+        const da = ea.zero ? null : w.dataA;
+        const db = eb.zero ? null : w.dataB;
+        diffBuffers(da, db, s - w.offset, e - w.offset, (x, y) => {
+          if (first === null) {
+            // qemu reports the start of the first differing 512-byte granule counted from the
+            // start of the range it was comparing (a sector boundary except at an unaligned end).
+            const d = w.offset + firstDiffByte(da, db, x, y);
+            first = s + Math.floor((d - s) / SECTOR) * SECTOR;
+            reason ??= 'content';
+          }
+          sink.add(w.offset + x, w.offset + y);
+        });
       }
     });
     o.onProgress?.(w.offset + w.length, total);
   }
   sink.emit();
   return {
-    identical: sink.first === null && !(strict && sizeMismatch),
-    firstMismatch: sink.first,
+    identical: first === null && !(strict && sectorSizeMismatch),
+    firstMismatch: first,
     reason,
     ranges: sink.ranges,
     changedSectors: sink.sectors,
@@ -340,9 +378,10 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, o: CompareOp
  */
 export function qemuStyleSummary(r: CompareResult): string[] {
   const lines: string[] = [];
-  if (r.strict && r.sizeMismatch) return ['Strict mode: Image size mismatch!'];
+  const sizeMismatch = sectorCount(r.sizeA) !== sectorCount(r.sizeB);
+  if (r.strict && sizeMismatch) return ['Strict mode: Image size mismatch!'];
   const common = Math.min(r.sizeA, r.sizeB);
-  if (r.sizeMismatch && (r.firstMismatch === null || r.firstMismatch >= common)) lines.push('Warning: Image size mismatch!');
+  if (sizeMismatch && (r.firstMismatch === null || r.firstMismatch >= common)) lines.push('Warning: Image size mismatch!');
   if (r.firstMismatch === null) lines.push('Images are identical.');
   else if (r.reason === 'status') lines.push(`Strict mode: Offset ${r.firstMismatch} block status mismatch!`);
   else lines.push(`Content mismatch at offset ${r.firstMismatch}!`);

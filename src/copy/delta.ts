@@ -41,7 +41,7 @@ export interface DeltaOptions {
 
 export interface DeltaResult {
   path: string;
-  /** Virtual size of the delta (TARGET's size). */
+  /** Virtual size of the delta: TARGET's size, rounded up to whole 512-byte sectors. */
   size: number;
   clusterSize: number;
   /** Clusters allocated in the delta. */
@@ -89,10 +89,13 @@ export async function createDelta(base: BlockDevice, target: BlockDevice, deltaP
 
   // The base was opened (and checked) already, and the name may be one that only resolves
   // where the delta will be used: create without opening it again.
+  // qcow2 sizes are whole sectors (qemu-img rounds up, and reads a header size rounded down):
+  // TARGET's last partial sector is completed with zeros, as qemu reads such a raw file.
+  const total = Math.ceil(target.size / 512) * 512;
   await createImage({
     format: 'qcow2',
     path: deltaPath,
-    size: target.size,
+    size: total,
     options: o.options ?? {},
     backingFile,
     backingFormat,
@@ -104,7 +107,6 @@ export async function createDelta(base: BlockDevice, target: BlockDevice, deltaP
   if (!(layer instanceof Qcow2Layer)) throw new BlockError('io', `${deltaPath}: did not open as qcow2`, { path: deltaPath });
   const cs = layer.header.clusterSize;
   const win = Math.max(cs, Math.floor((o.window ?? DEFAULT_WINDOW) / cs) * cs);
-  const total = target.size;
   const zero = zeroBuffer(win);
   const result: DeltaResult = {
     path: deltaPath,

@@ -5,7 +5,7 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import type { BlockDevice } from '../block/device.js';
-import { fromSystemError } from '../block/errors.js';
+import { BlockError, fromSystemError } from '../block/errors.js';
 import { allocAligned, PAGE_SIZE } from '../block/file.js';
 import { isZero } from '../block/zero.js';
 
@@ -34,13 +34,19 @@ interface Job {
  * The chunks to copy: data ranges cut to chunkSize; zero ranges are holes.
  * Data extents that follow one another (say, clusters whose host offsets are
  * not contiguous) share a chunk: one read request, one write.
+ *
  */
 async function* jobs(dev: BlockDevice, offset: number, length: number, chunk: number): AsyncGenerator<Job> {
   let pos = offset;
   const end = offset + length;
   let pending: Job | null = null;
+  // Block status in windows that start small and double up to 256 MiB: the first reads start sooner, no one call
+  // holds the event loop (and so the writes) for long, and the mapping code warms up on small calls before the
+  // optimising compiler sees it (measured: one compilation of qcow2's map() instead of four, ~100 ms less CPU).
+  let window = 16 << 20;
   while (pos < end) {
-    const ext = await dev.blockStatus(pos, Math.min(end - pos, 1 << 30));
+    const ext = await dev.blockStatus(pos, Math.min(end - pos, window));
+    window = Math.min(window * 2, 256 << 20);
     for (const e of ext) {
       if (e.zero) {
         if (pending !== null) yield pending;
@@ -69,20 +75,54 @@ async function* jobs(dev: BlockDevice, offset: number, length: number, chunk: nu
   if (pending !== null) yield pending;
 }
 
-/** Write all of bufs at pos: one pwritev, looping over short writes. */
-async function writeFully(out: FileHandle, bufs: Uint8Array[], pos: number): Promise<void> {
-  let rest = bufs;
-  while (rest.length > 0) {
-    const { bytesWritten } = rest.length === 1 ? await out.write(rest[0]!, 0, rest[0]!.length, pos) : await out.writev(rest, pos);
-    pos += bytesWritten;
-    let n = bytesWritten;
-    while (rest.length > 0 && n >= rest[0]!.length) {
-      n -= rest[0]!.length;
-      rest = rest.slice(1);
+/**
+ * No single write covers a whole aligned window of this size. Measured on
+ * Linux 6.18/ext4 (in a VM): a buffered write that covers a whole 2 MiB-aligned
+ * window gets a 2 MiB page-cache folio and costs about 7x the kernel time of
+ * the same bytes written as 1 MiB writes (1 MiB folios at most). Such a write
+ * is cut in the middle of the window; every other write goes out whole.
+ */
+const HUGE_FOLIO = 2 << 20;
+
+/** Write all of bufs at pos (one pwritev, or two around a huge-folio window), looping over short writes. */
+async function writeFully(out: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
+  const rest = bufs.filter((b) => b.length > 0);
+  let remaining = 0;
+  for (const b of rest) remaining += b.length;
+  while (remaining > 0) {
+    const window = Math.ceil(pos / HUGE_FOLIO) * HUGE_FOLIO;
+    let room = window + HUGE_FOLIO <= pos + remaining ? window + HUGE_FOLIO / 2 - pos : remaining;
+    const iov: Buffer[] = [];
+    for (const b of rest) {
+      if (room === 0) break;
+      const n = Math.min(room, b.length);
+      iov.push(n === b.length ? b : b.subarray(0, n));
+      room -= n;
     }
-    if (n > 0) rest = [rest[0]!.subarray(n), ...rest.slice(1)];
+    const { bytesWritten } = iov.length === 1 ? await out.write(iov[0]!, 0, iov[0]!.length, pos) : await out.writev(iov, pos);
+    if (bytesWritten <= 0) throw new BlockError('io', `write at ${pos} wrote nothing`, { op: 'write' });
+    pos += bytesWritten;
+    remaining -= bytesWritten;
+    for (let n = bytesWritten; n > 0;) {
+      const b = rest[0]!;
+      if (n >= b.length) {
+        n -= b.length;
+        rest.shift();
+      } else {
+        rest[0] = b.subarray(n);
+        n = 0;
+      }
+    }
   }
 }
+
+/**
+ * Writes in flight. The file system runs writes to one file one at a time,
+ * but with a second write already waiting in the kernel the next starts the
+ * moment one ends, instead of after a round trip through the event loop
+ * (measured: 15% faster than one at a time; a third adds nothing).
+ */
+const WRITES_IN_FLIGHT = 2;
 
 /** Most output chunks merged into one writev (which also stops once it holds a chunk's worth of bytes). */
 const MAX_MERGED_WRITES = 64;
@@ -92,10 +132,9 @@ const MAX_MERGED_WRITES = 64;
  *
  * A pipeline: up to `inFlight` reads run at once, each into its own slot of a
  * page-aligned arena; chunks read as all zeros are dropped (holes); the rest
- * queue for one writer, which writes them lowest offset first and merges
- * queued chunks that continue one another into one writev. One writer is
- * enough (the file system serialises writes to a file anyway; concurrent
- * writers only spin on its lock) and reads go on while it writes.
+ * queue for the writers (WRITES_IN_FLIGHT), which take them lowest offset
+ * first and merge queued chunks that continue one another into one writev.
+ * Reads go on while writes run, until every slot is full or queued.
  */
 export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadToFileOptions = {}): Promise<void> {
   const offset = opts.offset ?? 0;
@@ -110,7 +149,11 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
   }
   try {
     // Size the output first (as qemu-img does): the writes then never move the end of file.
-    await out.truncate(length);
+    try {
+      await out.truncate(length);
+    } catch (e) {
+      throw fromSystemError(e, outPath, 'truncate');
+    }
     // Twice as many slots as reads: the writer's queue holds the other half, so reads need not wait for writes.
     const slot = Math.min(chunk, Math.max(length, 1));
     const stride = Math.ceil(slot / PAGE_SIZE) * PAGE_SIZE;
@@ -139,11 +182,12 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
 
     interface Pending {
       buf: Buffer;
+      /** Output offset and length (from the start of buf). */
       pos: number;
       len: number;
     }
     const queue: Pending[] = [];
-    let writing = false;
+    let writing = 0;
     const writeQueued = async (): Promise<void> => {
       while (queue.length > 0 && failure === null) {
         queue.sort((a, b) => a.pos - b.pos);
@@ -169,12 +213,12 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
       }
     };
     const startWriter = (): void => {
-      if (writing || queue.length === 0 || failure !== null) return;
-      writing = true;
+      if (writing >= WRITES_IN_FLIGHT || queue.length === 0 || failure !== null) return;
+      writing++;
       writeQueued()
         .catch(fail)
         .finally(() => {
-          writing = false;
+          writing--;
           startWriter();
           signal();
         });
@@ -189,7 +233,9 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
         free.push(buf);
         throw e;
       }
-      // Zero runs inside data also become holes (qemu-img convert does the same).
+      // Zero runs inside data also become holes (qemu-img convert does the same), whole chunks at a time. (Trimming
+      // zero 4 KiB blocks off the ends too was measured slower: the kernel then zeroes the rest of each page-cache
+      // folio it cannot fill, which costs more than copying the zeros.)
       if (failure !== null || isZero(view)) {
         free.push(buf);
         progress(j.length);
@@ -219,7 +265,7 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
       fail(e);
     }
     // Drain; after a failure, only wait for what is in flight (the file must not close under it).
-    while (reading > 0 || writing || (failure === null && queue.length > 0)) await sleep();
+    while (reading > 0 || writing > 0 || (failure === null && queue.length > 0)) await sleep();
     if (failure !== null) throw failure.error;
   } finally {
     await out.close();

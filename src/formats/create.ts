@@ -70,6 +70,8 @@ export async function createImage(req: CreateRequest): Promise<{ size: number; s
   }
   if (size === undefined)
     throw new BlockError('invalid-argument', `${req.path}: no size given (and no backing file to take it from)`, { path: req.path });
+  // qemu-img rounds every new image up to whole 512-byte sectors; so do we, so both tools see the same size.
+  size = Math.ceil(size / 512) * 512;
   if (req.format === 'raw') {
     for (const k of Object.keys(o))
       if (k !== 'preallocation' && k !== 'size') throw new BlockError('invalid-argument', `raw images have no option '${k}'`);

@@ -383,7 +383,14 @@ export function encodeOffsetDataHeader(
 }
 
 /** A whole OFFSET_HOLE chunk: u64 offset, u32 size. */
-export function encodeOffsetHole(extended: boolean, flags: number, cookie: bigint, requestOffset: bigint, offset: number, length: number): Buffer {
+export function encodeOffsetHole(
+  extended: boolean,
+  flags: number,
+  cookie: bigint,
+  requestOffset: bigint,
+  offset: number,
+  length: number,
+): Buffer {
   const b = encodeChunkHeader(extended, flags, Chunk.OFFSET_HOLE, cookie, requestOffset, 12, 12);
   b.writeBigUInt64BE(BigInt(offset), b.length - 12);
   b.writeUInt32BE(length, b.length - 4);
@@ -402,7 +409,13 @@ function errorMessageBytes(message: string): Buffer {
   let m = Buffer.from(message, 'utf8');
   if (m.length > MAX_ERROR_MESSAGE) {
     // Cut on a character boundary.
-    m = Buffer.from(m.subarray(0, MAX_ERROR_MESSAGE).toString('utf8').replace(/\uFFFD$/, ''), 'utf8');
+    m = Buffer.from(
+      m
+        .subarray(0, MAX_ERROR_MESSAGE)
+        .toString('utf8')
+        .replace(/\uFFFD$/, ''),
+      'utf8',
+    );
   }
   return m;
 }
@@ -544,7 +557,8 @@ export function decodeChunkPayload(type: number, p: Uint8Array): ChunkPayload {
       for (let i = 8; i < p.length; i += 16) {
         const length = v.getBigUint64(i);
         const status = v.getBigUint64(i + 8);
-        if (length > BigInt(Number.MAX_SAFE_INTEGER) || status > 0xffffffffn) throw protocolError('BLOCK_STATUS_EXT descriptor out of range');
+        if (length > BigInt(Number.MAX_SAFE_INTEGER) || status > 0xffffffffn)
+          throw protocolError('BLOCK_STATUS_EXT descriptor out of range');
         descriptors.push({ length: Number(length), status: Number(status) });
       }
       return { type, contextId: v.getUint32(0), descriptors };

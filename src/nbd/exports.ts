@@ -54,7 +54,7 @@ export function matchContexts(query: string, list: boolean): MetaContext[] {
 
 function chainOf(dev: BlockDevice): BlockDevice[] {
   const out: BlockDevice[] = [dev];
-  for (let d: BlockDevice | null | undefined = dev; out.length < 1000; ) {
+  for (let d: BlockDevice | null | undefined = dev; out.length < 1000;) {
     d = layerOf(d)?.backing;
     if (d === null || d === undefined) break;
     out.push(d);
@@ -70,7 +70,8 @@ export class ExportTable {
     const list: ServedExport[] = [];
     for (const e of exports) {
       if (this.byName.has(e.name)) throw new Error(`export name '${e.name}' is used twice`);
-      if (Buffer.byteLength(e.name) > MAX_STRING) throw new Error(`export name '${e.name.slice(0, 40)}...' is longer than ${MAX_STRING} bytes`);
+      if (Buffer.byteLength(e.name) > MAX_STRING)
+        throw new Error(`export name '${e.name.slice(0, 40)}...' is longer than ${MAX_STRING} bytes`);
       const readOnly = e.readOnly === true || e.device.caps.readOnly;
       const s: ServedExport = {
         name: e.name,

@@ -233,11 +233,18 @@ export async function handshake(
 ): Promise<Session> {
   await writer.send([encodeGreeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]);
   const clientFlags = decodeClientFlags(await reader.read(4));
-  if ((clientFlags & FLAG_C_FIXED_NEWSTYLE) === 0) throw new HandshakeEnd('client does not speak fixed newstyle (the only style served)', false);
+  if ((clientFlags & FLAG_C_FIXED_NEWSTYLE) === 0)
+    throw new HandshakeEnd('client does not speak fixed newstyle (the only style served)', false);
   if ((clientFlags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)) !== 0) {
     throw new HandshakeEnd(`client set unknown flags 0x${clientFlags.toString(16)}`, false);
   }
-  const st: State = { structured: false, extended: false, noZeroes: (clientFlags & FLAG_C_NO_ZEROES) !== 0, contexts: [], contextExport: null };
+  const st: State = {
+    structured: false,
+    extended: false,
+    noZeroes: (clientFlags & FLAG_C_NO_ZEROES) !== 0,
+    contexts: [],
+    contextExport: null,
+  };
   for (let n = 0; ; n++) {
     if (n >= limits.maxOptions) throw new HandshakeEnd(`client sent more than ${limits.maxOptions} options`, false);
     const h = decodeOptionHeader(await reader.read(OPTION_HEADER_SIZE));

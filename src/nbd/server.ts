@@ -17,7 +17,7 @@ import { BlockError } from '../block/errors.js';
 import { ExportTable, type NbdExport } from './exports.js';
 import { DEFAULT_HANDSHAKE_LIMITS, HandshakeEnd, handshake, type HandshakeLimits } from './handshake.js';
 import { DEFAULT_PORT } from './protocol.js';
-import { StreamClosed, StreamReader, StreamWriter } from './stream.js';
+import { BufferPool, StreamClosed, StreamReader, StreamWriter } from './stream.js';
 import { DEFAULT_TRANSMISSION_LIMITS, Transmission, type TransmissionLimits } from './transmission.js';
 
 export interface NbdServerOptions {
@@ -52,6 +52,9 @@ export function nbdUri(addr: BoundAddress, exportName = ''): string {
   return `nbd://${host}:${addr.port}/${name}`;
 }
 
+/** At shutdown, replies still unsent after this long are abandoned. */
+const SHUTDOWN_GRACE_MS = 5000;
+
 class Connection {
   private transmission: Transmission | null = null;
   private stopRequested = false;
@@ -65,6 +68,7 @@ class Connection {
     private readonly opts: Required<Pick<NbdServerOptions, 'handshakeTimeoutMs' | 'log'>> & {
       handshake: HandshakeLimits;
       transmission: TransmissionLimits;
+      pool: BufferPool;
     },
   ) {
     this.reader = new StreamReader(sock);
@@ -78,8 +82,13 @@ class Connection {
   /** Server shutdown: a client still haggling is dropped; one in transmission finishes what it sent. */
   stop(): void {
     this.stopRequested = true;
-    if (this.transmission !== null) this.transmission.stop();
-    else this.sock.destroy();
+    if (this.transmission === null) {
+      this.sock.destroy();
+      return;
+    }
+    this.transmission.stop();
+    // A client that stopped reading its replies must not hold the shutdown up for ever.
+    setTimeout(() => this.sock.destroy(), SHUTDOWN_GRACE_MS).unref();
   }
 
   async run(): Promise<void> {
@@ -105,7 +114,7 @@ class Connection {
     } finally {
       if (timer !== null) clearTimeout(timer);
     }
-    const t = new Transmission(this.reader, this.writer, session, this.opts.transmission, (m) => this.log(m));
+    const t = new Transmission(this.reader, this.writer, session, this.opts.transmission, (m) => this.log(m), this.opts.pool);
     this.transmission = t;
     if (this.stopRequested) t.stop();
     const end = await t.run();
@@ -141,6 +150,7 @@ export class NbdServer {
       log: opts.log ?? (() => undefined),
       handshake: { ...DEFAULT_HANDSHAKE_LIMITS, ...opts.handshake },
       transmission: { ...DEFAULT_TRANSMISSION_LIMITS, ...opts.transmission },
+      pool: new BufferPool(32 << 20),
     };
   }
 
@@ -159,12 +169,12 @@ export class NbdServer {
     const srv = createServer((s) => this.accept(s));
     if ('path' in addr) {
       await removeStaleSocket(addr.path);
-      await listenOn(srv, () => srv.listen(addr.path));
+      await listenOn(srv, () => srv.listen(addr.path), addr.path);
       this.listeners.push(srv);
       return { path: addr.path };
     }
     const host = addr.host ?? '127.0.0.1';
-    await listenOn(srv, () => srv.listen(addr.port ?? DEFAULT_PORT, host));
+    await listenOn(srv, () => srv.listen(addr.port ?? DEFAULT_PORT, host), `${host}:${addr.port ?? DEFAULT_PORT}`);
     this.listeners.push(srv);
     const a = srv.address() as AddressInfo;
     return { host, port: a.port };
@@ -230,9 +240,17 @@ export class NbdServer {
   }
 }
 
-function listenOn(srv: Server, start: () => void): Promise<void> {
+function listenOn(srv: Server, start: () => void, where: string): Promise<void> {
   return new Promise((resolve, reject) => {
-    const onError = (e: Error): void => reject(e);
+    const onError = (e: NodeJS.ErrnoException): void => {
+      const why =
+        e.code === 'EADDRINUSE'
+          ? 'address already in use (another server? choose another port or socket)'
+          : e.code === 'EACCES'
+            ? 'permission denied (ports below 1024 need privileges)'
+            : e.message;
+      reject(new BlockError('invalid-argument', `cannot listen on ${where}: ${why}`, { op: 'listen' }, e));
+    };
     srv.once('error', onError);
     srv.once('listening', () => {
       srv.off('error', onError);

@@ -8,11 +8,12 @@
  *
  * StreamWriter writes whole messages: every buffer of one send() goes out
  * contiguously (one corked writev), so replies of requests completing in any
- * order never interleave inside a chunk; a send resolves once the socket has
- * drained below its high-water mark.
+ * order never interleave inside a chunk; a send resolves once its bytes are
+ * with the kernel.
  */
 import type { Duplex } from 'node:stream';
 import { BlockError } from '../block/errors.js';
+import { allocAligned } from '../block/file.js';
 
 export class StreamClosed extends BlockError {
   constructor(message: string) {
@@ -128,11 +129,16 @@ export class StreamReader {
 
 export class StreamWriter {
   private failed = false;
-  private drainWait: Promise<void> | null = null;
+  private readonly closed: Promise<void>;
 
   constructor(private readonly sock: Duplex) {
     sock.on('error', () => (this.failed = true));
-    sock.on('close', () => (this.failed = true));
+    this.closed = new Promise((resolve) =>
+      sock.once('close', () => {
+        this.failed = true;
+        resolve();
+      }),
+    );
   }
 
   /** False once the socket is gone: replies are then dropped silently. */
@@ -140,30 +146,22 @@ export class StreamWriter {
     return !this.failed && !this.sock.destroyed && this.sock.writable;
   }
 
-  /** Write one message (all buffers contiguously); resolves when the socket can take more. */
+  /**
+   * Write one message (all buffers contiguously, one corked writev). Resolves
+   * once the socket has handed all of it to the kernel (or is gone): the
+   * caller may then reuse the buffers, and a slow reader holds up its own
+   * senders instead of growing our memory.
+   */
   async send(bufs: readonly Uint8Array[]): Promise<void> {
     if (!this.alive) return;
-    this.sock.cork();
-    for (const b of bufs) if (b.length > 0) this.sock.write(b);
-    this.sock.uncork();
-    if (this.sock.writableNeedDrain && this.alive) await this.drained();
-  }
-
-  /** One shared wait for 'drain' (or 'close'), however many senders wait. */
-  private drained(): Promise<void> {
-    if (this.drainWait === null) {
-      this.drainWait = new Promise<void>((resolve) => {
-        const done = (): void => {
-          this.sock.off('drain', done);
-          this.sock.off('close', done);
-          this.drainWait = null;
-          resolve();
-        };
-        this.sock.on('drain', done);
-        this.sock.on('close', done);
-      });
-    }
-    return this.drainWait;
+    const parts = bufs.filter((b) => b.length > 0);
+    if (parts.length === 0) return;
+    const written = new Promise<void>((resolve) => {
+      this.sock.cork();
+      parts.forEach((b, i) => (i === parts.length - 1 ? this.sock.write(b, () => resolve()) : this.sock.write(b)));
+      this.sock.uncork();
+    });
+    await Promise.race([written, this.closed]);
   }
 
   /** Send what is queued, then close our side. */
@@ -173,5 +171,43 @@ export class StreamWriter {
       this.sock.end(() => resolve());
       this.sock.once('close', () => resolve());
     });
+  }
+}
+
+/**
+ * Read buffers for replies, reused once a reply has been sent: page-aligned
+ * (the kernel copies from the page cache several times faster into them),
+ * in power-of-two size classes from 64 KiB, at most `maxPooled` bytes kept.
+ */
+export class BufferPool {
+  private readonly free = new Map<number, Buffer[]>();
+  private pooled = 0;
+
+  constructor(private readonly maxPooled = 64 << 20) {}
+
+  private static sizeClass(length: number): number {
+    let c = 64 << 10;
+    while (c < length) c *= 2;
+    return c;
+  }
+
+  /** A buffer of at least `length` bytes (contents undefined); give it back with put(). */
+  get(length: number): Buffer {
+    const c = BufferPool.sizeClass(length);
+    const b = this.free.get(c)?.pop();
+    if (b !== undefined) {
+      this.pooled -= c;
+      return b;
+    }
+    return allocAligned(c);
+  }
+
+  put(b: Buffer): void {
+    const c = b.length;
+    if (c !== BufferPool.sizeClass(c) || this.pooled + c > this.maxPooled) return;
+    let list = this.free.get(c);
+    if (list === undefined) this.free.set(c, (list = []));
+    list.push(b);
+    this.pooled += c;
   }
 }

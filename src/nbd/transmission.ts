@@ -26,8 +26,19 @@ import {
 } from './codec.js';
 import type { ContextKind, ServedExport } from './exports.js';
 import type { Session } from './handshake.js';
-import { Cmd, CmdFlag, Errno, MAX_PAYLOAD, REPLY_FLAG_DONE, STATE_HOLE, STATE_ZERO, cmdName, errnoName, type NbdErrno } from './protocol.js';
-import { StreamClosed, type StreamReader, type StreamWriter } from './stream.js';
+import {
+  Cmd,
+  CmdFlag,
+  Errno,
+  MAX_PAYLOAD,
+  REPLY_FLAG_DONE,
+  STATE_HOLE,
+  STATE_ZERO,
+  cmdName,
+  errnoName,
+  type NbdErrno,
+} from './protocol.js';
+import { BufferPool, StreamClosed, type StreamReader, type StreamWriter } from './stream.js';
 
 /** The one mapping from BlockError kinds to NBD errors. */
 export const ERRNO_OF_KIND: Readonly<Record<ErrorKind, NbdErrno>> = {
@@ -105,6 +116,7 @@ export class Transmission {
     private readonly session: Session,
     private readonly limits: TransmissionLimits,
     private readonly log: (msg: string) => void,
+    private readonly pool: BufferPool = new BufferPool(),
   ) {
     this.exp = session.export;
     this.dev = session.export.device;
@@ -192,18 +204,23 @@ export class Transmission {
 
   private async handle(req: Request, payload: Buffer | null): Promise<void> {
     let out: Uint8Array[];
+    const held: Buffer[] = [];
     try {
-      out = await this.dispatch(this.validate(req, payload), payload);
+      out = await this.dispatch(this.validate(req, payload), payload, held);
     } catch (e) {
       const errno = errnoOf(e);
       const msg = e instanceof Error ? e.message : String(e);
-      if (!(e instanceof RequestError)) this.log(`${cmdName(req.type)} at ${req.offset} length ${req.length} failed (${errnoName(errno)}): ${msg}`);
+      if (!(e instanceof RequestError))
+        this.log(`${cmdName(req.type)} at ${req.offset} length ${req.length} failed (${errnoName(errno)}): ${msg}`);
       out = [this.errorReply(req, errno, msg)];
     }
     try {
       await this.writer.send(out);
     } catch {
       // The client is gone; nothing left to tell it.
+    } finally {
+      // Sent (or never will be): the read buffers can serve another request.
+      for (const b of held) this.pool.put(b);
     }
   }
 
@@ -248,12 +265,16 @@ export class Transmission {
 
   // -------------------------------------------------------------- dispatch
 
-  private async dispatch(v: Valid, payload: Buffer | null): Promise<Uint8Array[]> {
+  /** Run a valid request; buffers that the reply uses go to `held` until it is sent. */
+  private async dispatch(v: Valid, payload: Buffer | null, held: Buffer[]): Promise<Uint8Array[]> {
     const { req, offset, length } = v;
     const fua = (req.flags & CmdFlag.FUA) !== 0;
     switch (req.type) {
-      case Cmd.READ:
-        return this.read(v);
+      case Cmd.READ: {
+        const buf = this.pool.get(length);
+        held.push(buf);
+        return this.read(v, buf.subarray(0, length));
+      }
       case Cmd.WRITE:
         await this.dev.pwrite(payload as Buffer, offset, { fua });
         return this.okReply(req);
@@ -292,9 +313,8 @@ export class Transmission {
    * Everything is read before the first byte is sent, so an error is always
    * one clean error reply.
    */
-  private async read(v: Valid): Promise<Uint8Array[]> {
+  private async read(v: Valid, buf: Buffer): Promise<Uint8Array[]> {
     const { req, offset, length } = v;
-    const buf = Buffer.allocUnsafe(length);
     if (!this.structured) {
       await this.dev.pread(buf, offset);
       return [encodeSimpleReply(0, req.cookie), buf];
@@ -303,7 +323,9 @@ export class Transmission {
     let runs: Array<{ offset: number; length: number; zero: boolean }>;
     if (df || !this.dev.caps.blockStatus) runs = [{ offset, length, zero: false }];
     else runs = mergeRuns(await collectExtents(this.dev, offset, length), (e) => e.zero);
-    await Promise.all(runs.filter((r) => !r.zero).map((r) => this.dev.pread(buf.subarray(r.offset - offset, r.offset - offset + r.length), r.offset)));
+    await Promise.all(
+      runs.filter((r) => !r.zero).map((r) => this.dev.pread(buf.subarray(r.offset - offset, r.offset - offset + r.length), r.offset)),
+    );
     const out: Uint8Array[] = [];
     runs.forEach((r, i) => {
       const flags = i === runs.length - 1 ? REPLY_FLAG_DONE : 0;

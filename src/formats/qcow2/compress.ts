@@ -10,8 +10,9 @@
  */
 import { constants, deflateRaw, inflateRaw } from 'node:zlib';
 import { promisify } from 'node:util';
-import { init as zstdInit, compress as zstdCompress, decompress as zstdDecompress } from '@bokuweb/zstd-wasm';
+import { init as zstdInit, decompress as zstdDecompress } from '@bokuweb/zstd-wasm';
 import { BlockError, type ErrorContext } from '../../block/errors.js';
+import { zstdCompressAsync } from './zstd-pool.js';
 
 const inflateRawAsync = promisify(inflateRaw);
 
@@ -130,8 +131,7 @@ export async function compressCluster(type: number, data: Uint8Array): Promise<U
   if (type === 0) {
     out = await deflateRawAsync(data, { windowBits: 12, memLevel: 9 });
   } else {
-    await ensureZstd();
-    out = zstdCompress(data, 3);
+    out = await zstdCompressAsync(data, 3);
   }
   return out.length < data.length - 1 ? out : null;
 }

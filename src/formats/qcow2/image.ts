@@ -36,14 +36,18 @@ function refuseWriting(path: string, h: Qcow2Header): void {
           : h.bitmaps !== null && (h.autoclear & C.AUTOCLEAR_BITMAPS) !== 0n
             ? 'it has persistent bitmaps, which rblock cannot keep up to date yet'
             : h.cryptMethod !== 0
-                ? 'it is encrypted'
-                : null;
+              ? 'it is encrypted'
+              : null;
   if (why !== null) {
-    throw new BlockError(why.startsWith('it is marked corrupt') ? 'corrupt-image' : 'not-supported', `${path}: cannot open for writing: ${why}`, {
-      path,
-      structure: 'qcow2 header',
-      op: 'open',
-    });
+    throw new BlockError(
+      why.startsWith('it is marked corrupt') ? 'corrupt-image' : 'not-supported',
+      `${path}: cannot open for writing: ${why}`,
+      {
+        path,
+        structure: 'qcow2 header',
+        op: 'open',
+      },
+    );
   }
 }
 
@@ -204,7 +208,8 @@ export class Qcow2Layer implements Layer {
   }
 
   private requireWriter(op: string): Qcow2Writer {
-    if (this.writer === null) throw new BlockError('read-only', `${this.path}: ${op} on an image opened read-only`, { path: this.path, op });
+    if (this.writer === null)
+      throw new BlockError('read-only', `${this.path}: ${op} on an image opened read-only`, { path: this.path, op });
     return this.writer;
   }
 
@@ -327,8 +332,7 @@ export class Qcow2Layer implements Layer {
             const z: Qcow2Run = { offset: pos, length: cEnd - pos, kind: 'zero' };
             if (host !== 0) Object.assign(z, { hostOffset: host + (pos - cStart), file: hostFile });
             push(z);
-          }
-          else if (allocated) push({ offset: pos, length: cEnd - pos, kind: 'data', hostOffset: host + (pos - cStart), file: hostFile });
+          } else if (allocated) push({ offset: pos, length: cEnd - pos, kind: 'data', hostOffset: host + (pos - cStart), file: hostFile });
           else push({ offset: pos, length: cEnd - pos, kind: 'unallocated' });
           pos = cEnd;
           continue;
