@@ -15,7 +15,7 @@ import { isZero, zeroBuffer } from '../../src/block/zero.js';
 import { memoryDevice } from '../../src/block/memory.js';
 import { offsetFilter } from '../../src/filters/offset.js';
 import { readOnlyFilter } from '../../src/filters/readonly.js';
-import { LruCache } from '../../src/formats/qcow2/cache.js';
+import { LruCache } from '../../src/util/lru.js';
 import { zstdFrameLength } from '../../src/formats/qcow2/compress.js';
 import { humanSize, parseSize } from '../../src/util/size.js';
 

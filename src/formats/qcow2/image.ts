@@ -12,7 +12,7 @@ import { readLayered, resolveRelative } from '../chain.js';
 import type { ImageInfo, Layer, LayerRun } from '../layer.js';
 import type { OpenContext } from '../registry.js';
 import { readBitmaps } from './bitmap.js';
-import { LruCache } from './cache.js';
+import { LruCache } from '../../util/lru.js';
 import { decompressCluster } from './compress.js';
 import * as C from './constants.js';
 import { readHeader, type Qcow2Header } from './header.js';

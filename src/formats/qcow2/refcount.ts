@@ -2,7 +2,7 @@
 import type { HostFile } from '../../block/file.js';
 import { dataView } from '../../util/bytes.js';
 import type { Qcow2Header } from './header.js';
-import { LruCache } from './cache.js';
+import { LruCache } from '../../util/lru.js';
 
 export interface RefcountTableEntry {
   index: number;

@@ -8,7 +8,7 @@
 import { BlockError } from '../../block/errors.js';
 import type { HostFile } from '../../block/file.js';
 import { dataView } from '../../util/bytes.js';
-import { LruCache } from '../qcow2/cache.js';
+import { LruCache } from '../../util/lru.js';
 import { BAT_UNUSED, SECTOR } from './constants.js';
 import type { DynamicHeader } from './header.js';
 

@@ -5,7 +5,7 @@
  * its parent). Bitmaps go through a bounded LRU cache.
  */
 import type { HostFile } from '../../block/file.js';
-import { LruCache } from '../qcow2/cache.js';
+import { LruCache } from '../../util/lru.js';
 import type { DynamicHeader } from './header.js';
 
 const CACHE_BYTES = 4 << 20;

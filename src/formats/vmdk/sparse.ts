@@ -11,7 +11,7 @@
  */
 import { BlockError } from '../../block/errors.js';
 import type { HostFile } from '../../block/file.js';
-import { LruCache } from '../qcow2/cache.js';
+import { LruCache } from '../../util/lru.js';
 import * as C from './constants.js';
 import type { ExtentLine } from './descriptor.js';
 import type { VmdkExtent, VmdkExtentInfo, VmdkRun } from './extent.js';
