@@ -18,3 +18,18 @@ export function pattern(length: number, seed: number): Uint8Array {
   for (let i = 0; i < length; i++) b[i] = (v + (i % 251) * (i % 7 === 0 ? 1 : 0)) & 0xff || 1;
   return b;
 }
+
+/** Deterministic pseudo-random bytes (xorshift32): incompressible, the same on every run. */
+export function pseudoRandom(length: number, seed: number): Buffer {
+  const b = Buffer.alloc(Math.ceil(length / 4) * 4);
+  let x = seed >>> 0 || 0x9e3779b9;
+  for (let i = 0; i < b.length; i += 4) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    b.writeUInt32LE(x, i);
+  }
+  return b.subarray(0, length);
+}

@@ -9,6 +9,8 @@ import { createHash } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { RBLOCK, run, sha256File, type RunResult } from '../helpers/tools.js';
+import { pseudoRandom } from '../helpers/rng.js';
+export { pseudoRandom };
 
 /** The tools every test of qcow2-read.test.ts needs. */
 export const QEMU_TOOLS = ['qemu-img', 'qemu-io'] as const;
@@ -40,21 +42,6 @@ export function createQcow2(
   if (opts.o !== undefined) args.push('-o', opts.o);
   if (opts.backing !== undefined) args.push('-b', opts.backing, '-F', opts.backingFormat ?? 'qcow2');
   qemuImg(cwd, ...args, image, String(size));
-}
-
-/** Deterministic pseudo-random bytes (xorshift32): incompressible, the same on every run. */
-export function pseudoRandom(length: number, seed: number): Buffer {
-  const b = Buffer.alloc(Math.ceil(length / 4) * 4);
-  let x = seed >>> 0 || 0x9e3779b9;
-  for (let i = 0; i < b.length; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    b.writeUInt32LE(x, i);
-  }
-  return b.subarray(0, length);
 }
 
 /** Compressible text: numbered lines of prose. */

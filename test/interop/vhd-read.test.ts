@@ -26,6 +26,7 @@ import { createHash } from 'node:crypto';
 import { main } from '../../src/cli/main.js';
 import { VhdCraft, uuidOf } from '../fixtures/vhd-craft.js';
 import { needShared, needTools, rblock, run, scratchDir, sha256File } from '../helpers/tools.js';
+import { pseudoRandom } from '../helpers/rng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -75,21 +76,6 @@ async function rb(...args: string[]): Promise<string> {
   });
   assert.equal(code, 0, `rblock ${args.join(' ')}: ${err}`);
   return out;
-}
-
-/** Deterministic, incompressible bytes (xorshift32). */
-function pseudoRandom(length: number, seed: number): Buffer {
-  const b = Buffer.alloc(Math.ceil(length / 4) * 4);
-  let x = seed >>> 0 || 0x9e3779b9;
-  for (let i = 0; i < b.length; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    b.writeUInt32LE(x, i);
-  }
-  return b.subarray(0, length);
 }
 
 function randomFile(name: string, length: number, seed: number): string {

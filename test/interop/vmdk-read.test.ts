@@ -29,6 +29,7 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { needShared, needTools, RBLOCK, scratchDir, sha256File } from '../helpers/tools.js';
+import { pseudoRandom } from '../helpers/rng.js';
 
 const T = { timeout: 120_000 };
 const KiB = 1024;
@@ -81,21 +82,6 @@ async function create(cwd: string, image: string, size: number | string, o?: str
   if (o !== undefined) args.push('-o', o);
   if (backing !== undefined) args.push('-b', backing, '-F', 'vmdk');
   await qemuImg(cwd, ...args, image, String(size));
-}
-
-/** Deterministic pseudo-random bytes (xorshift32). */
-function pseudoRandom(length: number, seed: number): Buffer {
-  const b = Buffer.alloc(Math.ceil(length / 4) * 4);
-  let x = seed >>> 0 || 0x9e3779b9;
-  for (let i = 0; i < b.length; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    b.writeUInt32LE(x, i);
-  }
-  return b.subarray(0, length);
 }
 
 function text(length: number, seed: number): Buffer {
