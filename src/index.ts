@@ -21,3 +21,6 @@ export { resizeImage } from './formats/resize.js';
 export { checkQcow2, type CheckOptions, type CheckOutcome } from './formats/qcow2/check.js';
 export { NbdServer, nbdUri, type NbdServerOptions } from './nbd/server.js';
 export type { NbdExport } from './nbd/exports.js';
+export { RpcServer, type RpcServerOptions, type RpcListenAddress, type RpcBoundAddress } from './rpc/server.js';
+export { METHODS as RPC_METHODS, DEFAULT_RPC_LIMITS, type RpcExport, type RpcLimits } from './rpc/schema.js';
+export { translate, type Translation } from './rpc/translate.js';

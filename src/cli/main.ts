@@ -18,6 +18,7 @@ import { runInspect } from './inspect.js';
 import { processIo, type Io } from './io.js';
 import { runMap } from './map.js';
 import { runRead } from './read.js';
+import { registerRpc } from './rpc.js';
 import { registerServe } from './serve.js';
 
 function version(): string {
@@ -173,6 +174,10 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .option('-p, --progress', 'show a progress bar (on a terminal)')
     .option('-n, --no-create', 'do not create the target: it exists already')
     .option('--target-is-zero', 'with -n: the target reads as zeros, so zero runs are skipped')
+    .option(
+      '--preset <name>',
+      'azure: with -O vpc, a fixed VHD of a whole number of MiB, as Azure requires; esxi: with -O vmdk, a streamOptimized VMDK (lsilogic) as ESXi imports it',
+    )
     .addHelpText(
       'after',
       '\nExamples:\n  rblock convert -O qcow2 disk.raw disk.qcow2\n  rblock convert -c -O qcow2 -o compression_type=zstd disk.qcow2 small.qcow2\n  rblock convert -O raw overlay.qcow2 flat.raw\n',
@@ -237,6 +242,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
 
   registerCompare(program, io, setExit);
   registerDelta(program, io, setExit);
+  registerRpc(program, io, setExit);
 
   return program;
 }

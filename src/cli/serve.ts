@@ -12,9 +12,15 @@ import { openImage } from '../formats/registry.js';
 import type { NbdExport } from '../nbd/exports.js';
 import { DEFAULT_PORT } from '../nbd/protocol.js';
 import { NbdServer, nbdUri, type ListenAddress } from '../nbd/server.js';
+import { loadServerTls, type TlsMode } from '../nbd/tls.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join as joinPath, resolve as resolvePath } from 'node:path';
+import { createImage } from '../formats/create.js';
+import { rpcWanted, startServeRpc, type ServeRpcOptions } from '../rpc/server.js';
 import type { Io } from './io.js';
 
-export interface ServeOptions {
+export interface ServeOptions extends ServeRpcOptions {
   nbd?: string;
   port?: string;
   bind?: string;
@@ -26,6 +32,12 @@ export interface ServeOptions {
   persistent?: boolean;
   shared?: number;
   export?: string[];
+  snapshot?: boolean;
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+  tlsPsk?: string;
+  tls?: string;
 }
 
 /** `[HOST:]PORT`, `[IPv6]:PORT`: where to listen. */
@@ -82,8 +94,33 @@ function exportPlans(image: string | undefined, o: ServeOptions): ExportPlan[] {
   return plans;
 }
 
+/** Temporary overlay directories of --snapshot, removed at exit (even a hard one). */
+const snapshotDirs = new Set<string>();
+function removeSnapshotDirs(): void {
+  for (const d of snapshotDirs) rmSync(d, { recursive: true, force: true });
+  snapshotDirs.clear();
+}
+
+/** --snapshot: a temporary qcow2 overlay over the image takes the writes; the image is only read. */
+async function openSnapshot(p: ExportPlan, o: ServeOptions): Promise<BlockDevice> {
+  if (/^nbds?(\+unix)?:\/\//i.test(p.image))
+    throw new BlockError('not-supported', `${p.image}: --snapshot of an NBD export is not supported`);
+  if (snapshotDirs.size === 0) process.once('exit', removeSnapshotDirs);
+  const dir = mkdtempSync(joinPath(tmpdir(), 'rblock-snapshot-'));
+  snapshotDirs.add(dir);
+  const overlay = joinPath(dir, 'overlay.qcow2');
+  await createImage({
+    format: 'qcow2',
+    path: overlay,
+    backingFile: resolvePath(p.image),
+    ...(o.format !== undefined ? { backingFormat: o.format } : {}),
+  });
+  return openImage(overlay, { format: 'qcow2', readOnly: false });
+}
+
 async function openForServing(p: ExportPlan, o: ServeOptions): Promise<BlockDevice> {
   const readOnly = o.readOnly === true;
+  if (o.snapshot === true && !readOnly) return openSnapshot(p, o);
   try {
     return await openImage(p.image, o.format !== undefined ? { format: o.format, readOnly } : { readOnly });
   } catch (e) {
@@ -97,6 +134,8 @@ async function openForServing(p: ExportPlan, o: ServeOptions): Promise<BlockDevi
 export async function runServe(image: string | undefined, o: ServeOptions, io: Io): Promise<number> {
   const plans = exportPlans(image, o);
   const addr = listenAddress(o);
+  // With --rpc or --rpc-socket alone, JSON-RPC is served without NBD (and until a signal).
+  const nbdWanted = !rpcWanted(o) || o.nbd !== undefined || o.port !== undefined || o.bind !== undefined || o.socket !== undefined;
   const shared = o.shared ?? 1;
   const devices: BlockDevice[] = [];
   const closeDevices = async (): Promise<void> => {
@@ -113,12 +152,22 @@ export async function runServe(image: string | undefined, o: ServeOptions, io: I
       exports.push(e);
     }
     let stop: (why: string) => void = () => undefined;
+    if (o.tls !== undefined && o.tls !== 'required' && o.tls !== 'optional')
+      throw new BlockError('invalid-argument', `--tls must be required or optional, not '${o.tls}'`);
+    const tls = await loadServerTls({
+      ...(o.tlsCert !== undefined ? { cert: o.tlsCert } : {}),
+      ...(o.tlsKey !== undefined ? { key: o.tlsKey } : {}),
+      ...(o.tlsCa !== undefined ? { ca: o.tlsCa } : {}),
+      ...(o.tlsPsk !== undefined ? { psk: o.tlsPsk } : {}),
+      ...(o.tls !== undefined ? { mode: o.tls as TlsMode } : {}),
+    });
     const server = new NbdServer({
+      ...(tls !== null ? { tls } : {}),
       exports,
       maxConnections: shared,
       log: (m) => io.err(`rblock serve: ${m}\n`),
       onClientGone: (remaining) => {
-        if (o.persistent !== true && remaining === 0) stop('last client left');
+        if (o.persistent !== true && !rpcWanted(o) && remaining === 0) stop('last client left');
       },
     });
     const done = new Promise<void>((resolve) => {
@@ -132,18 +181,24 @@ export async function runServe(image: string | undefined, o: ServeOptions, io: I
     const onSignal = (): void => stop('signal');
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
+    let stopRpc: () => Promise<void> = async () => undefined;
     try {
-      const bound = await server.listen(addr);
-      const names = plans.length > 1 ? ` (exports: ${plans.map((p) => JSON.stringify(p.name)).join(', ')})` : '';
-      io.err(`rblock serve: listening on ${nbdUri(bound, plans.length === 1 ? (plans[0] as ExportPlan).name : '')}${names}\n`);
+      if (nbdWanted) {
+        const bound = await server.listen(addr);
+        const names = plans.length > 1 ? ` (exports: ${plans.map((p) => JSON.stringify(p.name)).join(', ')})` : '';
+        io.err(`rblock serve: listening on ${nbdUri(bound, plans.length === 1 ? (plans[0] as ExportPlan).name : '')}${names}\n`);
+      }
+      stopRpc = await startServeRpc(o, exports, (line) => io.err(line));
       await done;
     } finally {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
+      await stopRpc();
       await server.close();
     }
   } finally {
     await closeDevices();
+    removeSnapshotDirs();
   }
   return 0;
 }
@@ -168,7 +223,19 @@ export function registerServe(program: Command, io: Io, setExit: (code: number) 
       if (!Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError('expected a whole number >= 1');
       return n;
     })
+    .option('--rpc <[host:]port>', 'serve JSON-RPC 2.0 on TCP (host default 127.0.0.1), alone or beside NBD; see docs/json-rpc.md')
+    .option('--rpc-socket <path>', 'serve JSON-RPC 2.0 on this Unix socket')
+    .option(
+      '--rpc-limits <list>',
+      'JSON-RPC limits: max-message=64M,max-read=32M,idle-timeout=30000,idle-close=2000,max-connections=128,max-depth=64',
+    )
     .option('--export <name=image>', 'one more export (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
+    .option('-s, --snapshot', 'writes go to a temporary qcow2 overlay, deleted at exit; the image is not changed')
+    .option('--tls-cert <file>', 'TLS: X.509 server certificate (PEM)')
+    .option('--tls-key <file>', 'TLS: the private key of --tls-cert (PEM)')
+    .option('--tls-ca <file>', 'TLS: clients must present a certificate signed by this CA (PEM)')
+    .option('--tls-psk <file>', 'TLS with pre-shared keys: a psktool file (username:hexkey lines)')
+    .option('--tls <mode>', 'with TLS credentials: required (default; nothing but STARTTLS before TLS) or optional')
     .addHelpText(
       'after',
       '\nPrints "rblock serve: listening on URI" on stderr when ready. Without -t it exits after the last client leaves.\n' +

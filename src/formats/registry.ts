@@ -9,6 +9,7 @@
 import type { BlockDevice } from '../block/device.js';
 import { BlockError, fromSystemError } from '../block/errors.js';
 import { HostFile } from '../block/file.js';
+import { isNbdUri } from '../nbd/uri.js';
 import { enterChain, type ChainState } from './chain.js';
 import { qcow2Format } from './qcow2/index.js';
 import { rawFormat } from './raw/index.js';
@@ -153,6 +154,13 @@ async function openInChain(path: string, format: string | undefined, options: Op
 
 /** Open an image file (or raw file) as a block device, with its backing chain. */
 export async function openImage(path: string, options: OpenOptions = {}): Promise<BlockDevice> {
+  if (isNbdUri(path)) {
+    // nbd://, nbds://, nbd+unix://, nbds+unix://: a remote export (loaded on demand).
+    const { openNbd } = await import('../nbd/client-device.js');
+    const o: { readOnly: boolean; format?: string } = { readOnly: options.readOnly ?? true };
+    if (options.format !== undefined) o.format = options.format;
+    return openNbd(path, o);
+  }
   const chain = await enterChain({ depth: 0, seen: [] }, path);
   return openInChain(path, options.format, options, chain);
 }

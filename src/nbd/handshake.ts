@@ -63,7 +63,17 @@ const MAX_SKIPPED_OPTION = 1 << 20;
 const BLOCK_MIN = 1;
 const BLOCK_PREFERRED = 4096;
 
+/** STARTTLS as the connection offers it. */
+export interface HandshakeTls {
+  /** FORCEDTLS: nothing but STARTTLS and ABORT before TLS. */
+  required: boolean;
+  /** After the ACK: run the TLS handshake and return the encrypted stream's halves. */
+  upgrade(): Promise<{ reader: StreamReader; writer: StreamWriter }>;
+}
+
 interface State {
+  /** TLS is up (STARTTLS succeeded). */
+  tls: boolean;
   structured: boolean;
   extended: boolean;
   noZeroes: boolean;
@@ -89,6 +99,9 @@ interface Ctx {
   st: State;
   exports: ExportTable;
   writer: StreamWriter;
+  /** The connection's current halves (replaced by STARTTLS). */
+  io: { reader: StreamReader; writer: StreamWriter };
+  tls: HandshakeTls | undefined;
   option: number;
   data: Buffer;
 }
@@ -150,8 +163,17 @@ const handlers: Record<number, (c: Ctx) => Promise<Outcome>> = {
 
   async [Opt.STARTTLS](c) {
     if (await refuseData(c)) return 'continue';
-    // TODO(TLS): NOTLS mode for now; see docs/nbd.md.
-    return replyError(c, Rep.ERR_POLICY, 'TLS is not configured on this server');
+    if (c.tls === undefined) return replyError(c, Rep.ERR_POLICY, 'TLS is not configured on this server');
+    if (c.st.tls) return replyError(c, Rep.ERR_INVALID, 'TLS is already negotiated');
+    await reply(c, Rep.ACK);
+    try {
+      c.io = await c.tls.upgrade();
+    } catch (e) {
+      throw new HandshakeEnd(e instanceof Error ? e.message : String(e), false);
+    }
+    // Everything negotiated in the clear is forgotten (the spec's MUST).
+    Object.assign(c.st, { tls: true, structured: false, extended: false, contexts: [], contextExport: null });
+    return 'continue';
   },
 
   [Opt.INFO]: (c) => infoOrGo(c, false),
@@ -230,6 +252,9 @@ export async function handshake(
   exports: ExportTable,
   limits: HandshakeLimits,
   shuttingDown: () => boolean,
+  tls?: HandshakeTls,
+  /** Receives the halves TLS replaced, for the transmission phase. */
+  onUpgrade?: (io: { reader: StreamReader; writer: StreamWriter }) => void,
 ): Promise<Session> {
   await writer.send([encodeGreeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]);
   const clientFlags = decodeClientFlags(await reader.read(4));
@@ -239,6 +264,7 @@ export async function handshake(
     throw new HandshakeEnd(`client set unknown flags 0x${clientFlags.toString(16)}`, false);
   }
   const st: State = {
+    tls: false,
     structured: false,
     extended: false,
     noZeroes: (clientFlags & FLAG_C_NO_ZEROES) !== 0,
@@ -248,7 +274,7 @@ export async function handshake(
   for (let n = 0; ; n++) {
     if (n >= limits.maxOptions) throw new HandshakeEnd(`client sent more than ${limits.maxOptions} options`, false);
     const h = decodeOptionHeader(await reader.read(OPTION_HEADER_SIZE));
-    const c: Ctx = { st, exports, writer, option: h.option, data: Buffer.alloc(0) };
+    const c: Ctx = { st, exports, writer, io: { reader, writer }, tls, option: h.option, data: Buffer.alloc(0) };
     if (h.length > limits.maxOptionLength) {
       if (h.length > MAX_SKIPPED_OPTION) throw new HandshakeEnd(`${optName(h.option)} with ${h.length} bytes of data`, false);
       await reader.skip(h.length);
@@ -259,6 +285,12 @@ export async function handshake(
     if (shuttingDown() && h.option !== Opt.ABORT) {
       await replyError(c, Rep.ERR_SHUTDOWN, 'the server is shutting down');
       throw new HandshakeEnd('server shutting down', true);
+    }
+    if (tls?.required === true && !st.tls && h.option !== Opt.STARTTLS && h.option !== Opt.ABORT) {
+      // FORCEDTLS: EXPORT_NAME has no error channel, every other option gets ERR_TLS_REQD.
+      if (h.option === Opt.EXPORT_NAME) throw new HandshakeEnd('NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS', false);
+      await replyError(c, Rep.ERR_TLS_REQD, `this server requires TLS: send NBD_OPT_STARTTLS first`);
+      continue;
     }
     const handler = handlers[h.option];
     if (handler === undefined) {
@@ -272,6 +304,11 @@ export async function handshake(
       if (!(e instanceof OptionDataError)) throw e;
       await replyError(c, Rep.ERR_INVALID, `${optName(h.option)}: ${e.message}`);
       continue;
+    }
+    if (c.io.reader !== reader) {
+      reader = c.io.reader;
+      writer = c.io.writer;
+      onUpgrade?.(c.io);
     }
     if (out === 'close') throw new HandshakeEnd('client aborted the handshake', true);
     if (out !== 'continue') return out;

@@ -11,13 +11,14 @@
  *   // nbdinfo nbd+unix:///?socket=/tmp/nbd.sock
  *   await server.close();
  */
-import { lstat, unlink } from 'node:fs/promises';
-import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { BlockError } from '../block/errors.js';
 import { ExportTable, type NbdExport } from './exports.js';
 import { DEFAULT_HANDSHAKE_LIMITS, HandshakeEnd, handshake, type HandshakeLimits } from './handshake.js';
 import { DEFAULT_PORT } from './protocol.js';
+import { listenOn, removeStaleSocket } from '../util/listen.js';
 import { BufferPool, StreamClosed, StreamReader, StreamWriter } from './stream.js';
+import { upgradeServer, type ServerTls } from './tls.js';
 import { DEFAULT_TRANSMISSION_LIMITS, Transmission, type TransmissionLimits } from './transmission.js';
 
 export interface NbdServerOptions {
@@ -37,6 +38,8 @@ export interface NbdServerOptions {
   log?: (msg: string) => void;
   /** After a client's connection has fully closed: how many clients remain (served and waiting). */
   onClientGone?: (remaining: number) => void;
+  /** STARTTLS credentials and policy (see tls.ts loadServerTls); without them STARTTLS gets ERR_POLICY. */
+  tls?: ServerTls;
 }
 
 export type ListenAddress = { host?: string; port?: number } | { path: string };
@@ -58,14 +61,15 @@ const SHUTDOWN_GRACE_MS = 5000;
 class Connection {
   private transmission: Transmission | null = null;
   private stopRequested = false;
-  private readonly reader: StreamReader;
-  private readonly writer: StreamWriter;
+  private reader: StreamReader;
+  private writer: StreamWriter;
 
   constructor(
     readonly id: number,
-    private readonly sock: Socket,
+    private sock: Socket,
     private readonly server: NbdServer,
     private readonly opts: Required<Pick<NbdServerOptions, 'handshakeTimeoutMs' | 'log'>> & {
+      tls: ServerTls | undefined;
       handshake: HandshakeLimits;
       transmission: TransmissionLimits;
       pool: BufferPool;
@@ -100,8 +104,34 @@ class Connection {
           }, this.opts.handshakeTimeoutMs)
         : null;
     let session;
+    const tls = this.opts.tls;
+    const hsTls =
+      tls === undefined
+        ? undefined
+        : {
+            required: tls.mode === 'required',
+            upgrade: async (): Promise<{ reader: StreamReader; writer: StreamWriter }> => {
+              if (this.reader.buffered > 0) throw new Error('client sent data before the TLS handshake');
+              this.reader.detach();
+              const t = await upgradeServer(this.sock, tls);
+              t.on('error', () => undefined);
+              this.sock = t as unknown as Socket;
+              return { reader: new StreamReader(t), writer: new StreamWriter(t) };
+            },
+          };
     try {
-      session = await handshake(this.reader, this.writer, this.server.exports, this.opts.handshake, () => this.server.closing);
+      session = await handshake(
+        this.reader,
+        this.writer,
+        this.server.exports,
+        this.opts.handshake,
+        () => this.server.closing,
+        hsTls,
+        (io) => {
+          this.reader = io.reader;
+          this.writer = io.writer;
+        },
+      );
     } catch (e) {
       if (e instanceof HandshakeEnd) {
         if (!e.clean) this.log(`${e.message}; dropping the client`);
@@ -147,6 +177,7 @@ export class NbdServer {
     this.exports = new ExportTable(opts.exports, this.maxConnections);
     this.connOpts = {
       handshakeTimeoutMs: opts.handshakeTimeoutMs ?? 10_000,
+      tls: opts.tls,
       log: opts.log ?? (() => undefined),
       handshake: { ...DEFAULT_HANDSHAKE_LIMITS, ...opts.handshake },
       transmission: { ...DEFAULT_TRANSMISSION_LIMITS, ...opts.transmission },
@@ -238,46 +269,4 @@ export class NbdServer {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
-}
-
-function listenOn(srv: Server, start: () => void, where: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const onError = (e: NodeJS.ErrnoException): void => {
-      const why =
-        e.code === 'EADDRINUSE'
-          ? 'address already in use (another server? choose another port or socket)'
-          : e.code === 'EACCES'
-            ? 'permission denied (ports below 1024 need privileges)'
-            : e.message;
-      reject(new BlockError('invalid-argument', `cannot listen on ${where}: ${why}`, { op: 'listen' }, e));
-    };
-    srv.once('error', onError);
-    srv.once('listening', () => {
-      srv.off('error', onError);
-      resolve();
-    });
-    start();
-  });
-}
-
-/** A socket file nobody listens on any more is replaced; a live one or another file is an error. */
-async function removeStaleSocket(path: string): Promise<void> {
-  let isSocket: boolean;
-  try {
-    isSocket = (await lstat(path)).isSocket();
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw e;
-  }
-  if (!isSocket) throw new BlockError('invalid-argument', `${path}: exists and is not a socket; not replacing it`, { path });
-  const live = await new Promise<boolean>((resolve) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-  if (live) throw new BlockError('invalid-argument', `${path}: another server is listening on this socket`, { path });
-  await unlink(path);
 }

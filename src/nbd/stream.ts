@@ -34,15 +34,33 @@ export class StreamReader {
     private readonly sock: Duplex,
     private readonly highWater = 1 << 20,
   ) {
-    sock.on('data', (b: Buffer) => {
-      this.chunks.push(b);
-      this.avail += b.length;
-      if (this.avail >= this.highWater && this.avail >= this.want) sock.pause();
-      this.notify();
-    });
-    sock.on('end', () => this.finish(new StreamClosed('the client closed the connection')));
-    sock.on('close', () => this.finish(new StreamClosed('the connection is closed')));
-    sock.on('error', (e: Error) => this.finish(new StreamClosed(`connection error: ${e.message}`)));
+    sock.on('data', this.onData);
+    sock.on('end', this.onEnd);
+    sock.on('close', this.onClose);
+    sock.on('error', this.onError);
+  }
+
+  private readonly onData = (b: Buffer): void => {
+    this.chunks.push(b);
+    this.avail += b.length;
+    if (this.avail >= this.highWater && this.avail >= this.want) this.sock.pause();
+    this.notify();
+  };
+  private readonly onEnd = (): void => this.finish(new StreamClosed('the peer closed the connection'));
+  private readonly onClose = (): void => this.finish(new StreamClosed('the connection is closed'));
+  private readonly onError = (e: Error): void => this.finish(new StreamClosed(`connection error: ${e.message}`));
+
+  /**
+   * Stop listening to the socket (before STARTTLS hands it to a TLS layer);
+   * the socket is left paused, and this reader fails any further read.
+   */
+  detach(): void {
+    this.sock.off('data', this.onData);
+    this.sock.off('end', this.onEnd);
+    this.sock.off('close', this.onClose);
+    this.sock.off('error', this.onError);
+    this.sock.pause();
+    this.abort(new StreamClosed('the stream moved to TLS'));
   }
 
   /** Bytes received and not yet read. */
@@ -84,6 +102,35 @@ export class StreamReader {
     const out = this.take(n);
     if (this.avail < this.highWater && this.sock.isPaused() && this.end === null) this.sock.resume();
     return out;
+  }
+
+  /**
+   * Fill dest exactly, copying bytes straight out of the socket's chunks as
+   * they arrive (no intermediate buffer: the client's read path).
+   */
+  async readInto(dest: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < dest.length) {
+      if (this.avail === 0) {
+        if (this.end !== null) throw this.end;
+        this.want = 1;
+        if (this.sock.isPaused()) this.sock.resume();
+        await new Promise<void>((r) => (this.wake = r));
+        continue;
+      }
+      const c = this.chunks[0] as Buffer;
+      const k = Math.min(c.length - this.head, dest.length - done);
+      dest.set(c.subarray(this.head, this.head + k), done);
+      done += k;
+      this.head += k;
+      this.avail -= k;
+      if (this.head === c.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+    }
+    this.want = 0;
+    if (this.avail < this.highWater && this.sock.isPaused() && this.end === null) this.sock.resume();
   }
 
   /** Read and drop n bytes (an unwanted option or payload), without holding them all. */
