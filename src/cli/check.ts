@@ -10,6 +10,8 @@ import { BlockError } from '../block/errors.js';
 import { HostFile } from '../block/file.js';
 import { checkQcow2, type ImageCheck, type RepairMode } from '../formats/qcow2/check.js';
 import { formatNames, openImage, probeFormat } from '../formats/registry.js';
+import { checkVhd } from '../formats/vhd/check.js';
+import { checkVmdk } from '../formats/vmdk/check.js';
 import type { Io } from './io.js';
 
 export interface CheckCliOptions {
@@ -109,7 +111,7 @@ async function probe(image: string): Promise<string> {
 
 export async function runCheck(image: string, o: CheckCliOptions, io: Io): Promise<number> {
   const format = o.format ?? (await probe(image));
-  if (format !== 'qcow2') {
+  if (format !== 'qcow2' && format !== 'vpc' && format !== 'vmdk') {
     if (!formatNames().includes(format)) {
       throw new BlockError('invalid-argument', `${image}: unknown format '${format}' (known: ${formatNames().join(', ')})`, {
         path: image,
@@ -122,7 +124,7 @@ export async function runCheck(image: string, o: CheckCliOptions, io: Io): Promi
     return EXIT_NOT_SUPPORTED;
   }
   const quiet = o.quiet === true;
-  const outcome = await checkQcow2(image, {
+  const outcome = await (format === 'vpc' ? checkVhd : format === 'vmdk' ? checkVmdk : checkQcow2)(image, {
     ...(o.repair !== undefined ? { repair: o.repair } : {}),
     log: (line) => io.err(line + '\n'),
   });

@@ -1,5 +1,6 @@
 /** `rblock convert`: copy an image into a new qcow2 or raw image (like qemu-img convert). */
 import { SingleBar } from 'cli-progress';
+import { BlockError } from '../block/errors.js';
 import { convert } from '../copy/convert.js';
 import { parseOptionList } from '../formats/create.js';
 import { openImage } from '../formats/registry.js';
@@ -15,12 +16,28 @@ export interface ConvertCliOptions {
   progress?: boolean;
   noCreate?: boolean;
   targetIsZero?: boolean;
+  /** `azure`: a fixed VHD (force_size) whose virtual size is rounded up to a whole MiB. */
+  preset?: string;
 }
 
 export async function runConvert(srcPath: string, dstPath: string, o: ConvertCliOptions, io: Io): Promise<number> {
   await using src = await openImage(srcPath, o.format !== undefined ? { format: o.format } : {});
   const options: Record<string, string> = {};
   for (const list of o.options ?? []) Object.assign(options, parseOptionList(list));
+  let size: number | undefined;
+  if (o.preset === 'esxi') {
+    if (o.outputFormat !== 'vmdk') throw new BlockError('invalid-argument', '--preset esxi: needs -O vmdk');
+    // ESXi imports VMware's canonical stream (version 3, footer, GD at the end) with a SCSI adapter.
+    options['subformat'] = 'streamOptimized';
+    options['adapter_type'] ??= 'lsilogic';
+  } else if (o.preset !== undefined) {
+    if (o.preset !== 'azure' || o.outputFormat !== 'vpc') {
+      throw new BlockError('invalid-argument', `--preset ${o.preset}: the presets are azure (with -O vpc) and esxi (with -O vmdk)`);
+    }
+    // Azure takes fixed VHDs whose virtual size is a whole number of MiB, stated exactly (force_size).
+    Object.assign(options, { subformat: 'fixed', force_size: 'on' });
+    size = Math.ceil(src.size / 2 ** 20) * 2 ** 20;
+  }
   let bar: SingleBar | null = null;
   if (o.progress && process.stderr.isTTY) {
     bar = new SingleBar({
@@ -40,6 +57,7 @@ export async function runConvert(srcPath: string, dstPath: string, o: ConvertCli
       ...(o.backingFormat !== undefined ? { backingFormat: o.backingFormat } : {}),
       ...(o.noCreate ? { noCreate: true } : {}),
       ...(o.targetIsZero ? { targetIsZero: true } : {}),
+      ...(size !== undefined ? { size } : {}),
       onProgress: (done) => {
         if (bar === null) return;
         const secs = Math.max(0.001, (Date.now() - started) / 1000);

@@ -46,7 +46,9 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
   const program = new Command();
   program
     .name('rblock')
-    .description('Virtual disk images and block devices: qcow2, raw, VHD and VMDK images, inspected, converted, checked, compared and served over NBD.')
+    .description(
+      'Virtual disk images and block devices: qcow2, raw, VHD and VMDK images, inspected, converted, checked, compared and served over NBD.',
+    )
     .version(version(), '-V, --version')
     .option('--debug', 'print stack traces with errors')
     .showHelpAfterError('(run with --help for usage)')
@@ -78,7 +80,9 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
 
   program
     .command('inspect')
-    .description('Decode the on-disk structures: qcow2 header fields with offsets, extensions, L1/L2 entries, refcounts; VHD footer/header/BAT; VMDK header/descriptor/grain tables.')
+    .description(
+      'Decode the on-disk structures: qcow2 header fields with offsets, extensions, L1/L2 entries, refcounts; VHD footer/header/BAT; VMDK header/descriptor/grain tables.',
+    )
     .argument('<image>', 'qcow2 image file')
     .option('-f, --format <fmt>', 'image format (default: probe)')
     .option('--l1', 'list the allocated L1 entries')

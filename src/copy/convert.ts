@@ -14,6 +14,7 @@ import { createImage } from '../formats/create.js';
 import { compressCluster } from '../formats/qcow2/compress.js';
 import { Qcow2Layer } from '../formats/qcow2/image.js';
 import { openImage } from '../formats/registry.js';
+import { convertToStreamOptimized } from '../formats/vmdk/stream-writer.js';
 
 export interface ConvertOptions {
   /** Output format: qcow2 or raw. */
@@ -29,6 +30,8 @@ export interface ConvertOptions {
   noCreate?: boolean;
   /** With -n: the target reads as zeros already, so zero runs need no writes. */
   targetIsZero?: boolean;
+  /** Size of the new target (default: the source's; never smaller). */
+  size?: number;
   /** Bytes per read window (default 4 MiB, at least one cluster). */
   window?: number;
   onProgress?: (done: number, total: number) => void;
@@ -62,8 +65,18 @@ interface Window {
 
 export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptions): Promise<ConvertStats> {
   if (o.compress && o.format !== 'qcow2') throw new BlockError('invalid-argument', `compression needs qcow2 output, not ${o.format}`);
+  // A streamOptimized VMDK is written in one forward pass (it may go to a pipe), not created and then opened.
+  if (o.format === 'vmdk' && o.options?.['subformat'] === 'streamOptimized' && !o.noCreate) {
+    if (o.backing !== undefined) throw new BlockError('invalid-argument', 'a streamOptimized VMDK cannot have a backing file');
+    return convertToStreamOptimized(src, dstPath, o);
+  }
   if (!o.noCreate) {
-    const req: Parameters<typeof createImage>[0] = { format: o.format, path: dstPath, size: src.size, options: o.options ?? {} };
+    const req: Parameters<typeof createImage>[0] = {
+      format: o.format,
+      path: dstPath,
+      size: Math.max(o.size ?? src.size, src.size),
+      options: o.options ?? {},
+    };
     if (o.backing !== undefined) req.backingFile = o.backing;
     if (o.backingFormat !== undefined) req.backingFormat = o.backingFormat;
     await createImage(req);

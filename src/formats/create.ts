@@ -8,7 +8,9 @@ import { BlockError, fromSystemError } from '../block/errors.js';
 import { parseSize } from '../util/size.js';
 import { resolveRelative } from './chain.js';
 import { createQcow2, type Qcow2CreateOptions } from './qcow2/create.js';
+import { createVmdkImage } from './vmdk/create.js';
 import { openImage } from './registry.js';
+import { createVpc } from './vhd/create.js';
 
 export interface CreateRequest {
   format: string;
@@ -79,6 +81,8 @@ export async function createImage(req: CreateRequest): Promise<{ size: number; s
     await createRaw(req.path, size, o['preallocation'] === 'full');
     return { size, summary: `fmt=raw size=${size}` };
   }
+  if (req.format === 'vmdk') return createVmdkImage(req, o, size, backingFile, backingFormat);
+  if (req.format === 'vpc') return createVpc(req.path, size, o, req.size ?? size, backingFile, backingFormat);
   if (req.format !== 'qcow2') {
     throw new BlockError('not-supported', `${req.path}: creating ${req.format} images is not supported yet (qcow2 and raw are)`, {
       path: req.path,

@@ -315,10 +315,11 @@ test('unknown disk type', T, async () => {
   await fails(openImage(p), { kind: 'unsupported-feature', path: p, structure: 'VHD footer', field: 'disk_type' });
 });
 
-test('opening for writing is refused: VHD writing is not supported yet', T, async () => {
+test('opened for writing: a write outside the disk is refused (VHD writing: test/interop/vhd-write.test.ts)', T, async () => {
   using s = scratchDir();
   const p = new VhdCraft({ size: 2 * MiB }).writeTo(join(s.dir, 'rw.vhd'));
-  await fails(openImage(p, { readOnly: false }), { kind: 'not-supported', path: p, mentions: ['VHD writing is not supported yet'] });
+  await using dev = await openImage(p, { readOnly: false });
+  await assert.rejects(dev.pwrite(new Uint8Array(512), 2 * MiB));
 });
 
 test('a file too small for a footer, forced as vpc', T, async () => {

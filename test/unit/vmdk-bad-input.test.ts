@@ -431,10 +431,15 @@ test('ESX COWD and seSparse extents are refused as unsupported', T, async () => 
   await fails(() => openImage(v), { kind: 'unsupported-feature', path: v, mentions: ['vmfsSparse'] });
 });
 
-test('read-write open is not supported yet', T, async () => {
+test('read-write open: sparse disks open, a compressed stream is refused', T, async () => {
   using s = scratchDir();
   const p = save(s.dir, 'rw.vmdk', sample().build().bytes);
-  await fails(() => openImage(p, { readOnly: false }), { kind: 'not-supported', path: p });
+  const dev = await openImage(p, { readOnly: false });
+  await dev.close();
+  for (const layout of ['qemu-stream', 'vmware-stream'] as const) {
+    const q = save(s.dir, `${layout}.vmdk`, sample({ layout }).build().bytes);
+    await fails(() => openImage(q, { readOnly: false }), { kind: 'not-supported', path: q, mentions: ['streamOptimized'] });
+  }
 });
 
 test('a split-disk extent opened on its own is refused with a hint', T, async () => {

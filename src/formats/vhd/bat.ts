@@ -30,8 +30,8 @@ export class Bat {
   private constructor(
     private readonly file: HostFile,
     readonly header: DynamicHeader,
-    /** Allocated entries, counted at open. */
-    readonly allocated: number,
+    /** Allocated entries, counted at open (and kept up to date by the writer). */
+    public allocated: number,
     /** Where a new block would go: after the BAT and every allocated block (qemu's free_data_block_offset). */
     readonly endOfBlocks: number,
   ) {}
@@ -73,6 +73,8 @@ export class Bat {
   /** The raw entry of block i (BAT_UNUSED beyond the table). */
   async raw(i: number): Promise<number> {
     if (i >= this.header.maxTableEntries) return BAT_UNUSED;
+    const staged = this.pending.get(i);
+    if (staged !== undefined) return staged;
     const first = i - (i % CHUNK_ENTRIES);
     return (await this.chunk(first))[i - first] as number;
   }
@@ -82,6 +84,45 @@ export class Bat {
     if (raw === BAT_UNUSED) return { index: i, raw };
     const bitmapOffset = raw * SECTOR;
     return { index: i, raw, bitmapOffset, dataOffset: bitmapOffset + this.header.bitmapSize };
+  }
+
+  /**
+   * Entries of new blocks not yet written to the table (the writer, spec
+   * digest §5.2): lookups see them at once; commit() writes them, after the
+   * writer has made the blocks durable.
+   */
+  private readonly pending = new Map<number, number>();
+
+  get pendingCount(): number {
+    return this.pending.size;
+  }
+
+  /** Point entry i at a new block, in memory until commit(). */
+  stage(i: number, raw: number): void {
+    this.pending.set(i, raw);
+    this.allocated++;
+  }
+
+  /** Write the staged entries (runs of consecutive entries in one write each) and update the cached chunks. */
+  async commit(): Promise<void> {
+    if (this.pending.size === 0) return;
+    const idx = [...this.pending.keys()].sort((a, b) => a - b);
+    for (let k = 0; k < idx.length;) {
+      let e = k + 1;
+      while (e < idx.length && idx[e] === (idx[e - 1] as number) + 1) e++;
+      const first = idx[k] as number;
+      const buf = new Uint8Array((e - k) * 4);
+      const view = dataView(buf);
+      for (let j = k; j < e; j++) view.setUint32((j - k) * 4, this.pending.get(idx[j] as number) as number);
+      await this.file.writeAt(buf, this.header.tableOffset + first * 4);
+      k = e;
+    }
+    for (const [i, raw] of this.pending) {
+      const first = i - (i % CHUNK_ENTRIES);
+      const chunk = await this.chunk(first);
+      chunk[i - first] = raw;
+    }
+    this.pending.clear();
   }
 
   clear(): void {

@@ -36,9 +36,31 @@ export class SectorBitmaps {
     });
   }
 
+  /** Cache a bitmap the writer has just written (a new block). */
+  put(bitmapOffset: number, bitmap: Uint8Array): void {
+    this.cache.delete(bitmapOffset);
+    void this.cache.get(bitmapOffset, () => Promise.resolve(bitmap));
+  }
+
   clear(): void {
     this.cache.clear();
   }
+}
+
+/** §5: set (or clear) the bits of sectors [first, first + count); true when a bit changed. */
+export function setSectors(bitmap: Uint8Array, first: number, count: number, present: boolean): boolean {
+  let changed = false;
+  for (let i = first; i < first + count; i++) {
+    const byte = i >> 3;
+    const mask = 1 << (7 - (i & 7));
+    const old = bitmap[byte] as number;
+    const v = present ? old | mask : old & ~mask;
+    if (v !== old) {
+      bitmap[byte] = v;
+      changed = true;
+    }
+  }
+  return changed;
 }
 
 /** §5: bit for sector i: byte i/8, bit 7 - i%8. */

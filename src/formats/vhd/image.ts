@@ -8,16 +8,27 @@
 import type { BlockDevice } from '../../block/device.js';
 import { BlockError } from '../../block/errors.js';
 import type { HostFile } from '../../block/file.js';
-import { layerOf } from '../chain.js';
+import { layerOf, readLayered } from '../chain.js';
 import type { ImageInfo, Layer, LayerRun } from '../layer.js';
 import type { OpenContext } from '../registry.js';
 import { Bat } from './bat.js';
 import { bitRuns, SectorBitmaps } from './bitmap.js';
-import { BAT_UNUSED, DISK_DIFFERENCING, DISK_DYNAMIC, DISK_FIXED, MAX_SECTORS, SECTOR, formatUuid, vhdTime } from './constants.js';
+import {
+  BAT_UNUSED,
+  DISK_DIFFERENCING,
+  DISK_DYNAMIC,
+  DISK_FIXED,
+  FOOTER_SIZE,
+  MAX_SECTORS,
+  SECTOR,
+  formatUuid,
+  vhdTime,
+} from './constants.js';
 import { describeFooter, diskTypeName, locateFooter, type LocatedFooter, type VhdFooter } from './footer.js';
 import { chsSectors, decideSize, type SizeCalc, type SizeDecision } from './geometry.js';
 import { readDynamicHeader, type DynamicHeader } from './header.js';
 import { openParent, type OpenedParent } from './parent.js';
+import { firstFreeOffset, VhdWriter } from './writer.js';
 
 export type VhdKind = 'fixed' | 'dynamic' | 'differencing';
 
@@ -32,9 +43,11 @@ const numberOrString = (v: bigint): number | string => (v <= BigInt(Number.MAX_S
 
 export class VhdLayer implements Layer {
   readonly format = 'vpc';
-  readonly readOnly = true;
+  readonly readOnly: boolean;
   readonly path: string;
   readonly size: number;
+  /** Present when opened with readOnly: false (writer.ts). */
+  private writer: VhdWriter | null = null;
 
   private constructor(
     readonly file: HostFile,
@@ -46,6 +59,7 @@ export class VhdLayer implements Layer {
   ) {
     this.path = file.path;
     this.size = sizeDecision.size;
+    this.readOnly = file.readOnly;
   }
 
   get footer(): VhdFooter {
@@ -103,9 +117,6 @@ export class VhdLayer implements Layer {
       const bat = await Bat.load(file, header);
       sparse = { header, bat, bitmaps: new SectorBitmaps(file, header) };
     }
-    if (!ctx.readOnly) {
-      throw new BlockError('not-supported', `${path}: VHD writing is not supported yet; open it read-only`, { path, op: 'open' });
-    }
     let parent: OpenedParent | null = null;
     if (f.diskType === DISK_DIFFERENCING && sparse !== null) {
       parent = await openParent(file, sparse.header, ctx, (dev) => {
@@ -113,7 +124,81 @@ export class VhdLayer implements Layer {
         return l instanceof VhdLayer ? l.footer.uniqueId : null;
       });
     }
-    return new VhdLayer(file, located, decision, sparse, parent);
+    const layer = new VhdLayer(file, located, decision, sparse, parent);
+    if (!ctx.readOnly) {
+      try {
+        await layer.startWriting();
+      } catch (e) {
+        await parent?.device?.close();
+        throw e;
+      }
+    }
+    return layer;
+  }
+
+  private async startWriting(): Promise<void> {
+    const f = this.footer;
+    if (f.source === 'trailing (511-byte)') {
+      throw new BlockError(
+        'not-supported',
+        `${this.path}: this fixed VHD has an old 511-byte footer (Virtual PC before 2004); writing to it is not supported, convert it first`,
+        { path: this.path, op: 'open' },
+      );
+    }
+    const footerBytes = new Uint8Array(FOOTER_SIZE);
+    await this.file.readExact(footerBytes, f.offset, 'VHD footer');
+    if (this.sparse !== null) {
+      // Keep the footer copy at offset 0 in step with the footer in use (spec digest §5.3).
+      const copy = new Uint8Array(FOOTER_SIZE);
+      await this.file.readAt(copy, 0);
+      if (Buffer.compare(Buffer.from(copy), Buffer.from(footerBytes)) !== 0) await this.file.writeAt(footerBytes, 0);
+    }
+    const free = this.sparse === null ? 0 : firstFreeOffset(this.sparse);
+    this.writer = new VhdWriter(
+      {
+        file: this.file,
+        size: this.size,
+        sparse: this.sparse,
+        differencing: this.kind === 'differencing',
+        footerBytes,
+        read: (buf, offset) => readLayered(this, buf, offset),
+        parentZero: async (offset, length) => {
+          const b = this.backing;
+          const end = Math.min(offset + length, b?.size ?? 0);
+          for (let pos = offset; b !== null && pos < end;) {
+            const ext = await b.blockStatus(pos, end - pos);
+            for (const e of ext) if (!e.zero) return false;
+            const last = ext[ext.length - 1];
+            if (last === undefined) return false;
+            pos = last.offset + last.length;
+          }
+          return true;
+        },
+      },
+      free,
+    );
+  }
+
+  private w(op: string): VhdWriter {
+    if (this.writer === null)
+      throw new BlockError('read-only', `${this.path}: ${op} on an image opened read-only`, { path: this.path, op });
+    return this.writer;
+  }
+
+  write(buf: Uint8Array, offset: number): Promise<void> {
+    return this.w('write').write(buf, offset);
+  }
+
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.w('write-zeroes').writeZeroes(offset, length);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.w('discard').discard(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    if (this.writer !== null) await this.writer.flush();
   }
 
   async map(offset: number, length: number): Promise<LayerRun[]> {
@@ -232,6 +317,7 @@ export class VhdLayer implements Layer {
   }
 
   async close(): Promise<void> {
+    if (this.writer !== null) await this.writer.flush();
     this.sparse?.bat.clear();
     this.sparse?.bitmaps.clear();
     await this.file.close();

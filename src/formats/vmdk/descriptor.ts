@@ -176,7 +176,8 @@ export function descriptorSize(d: VmdkDescriptor): number {
   return d.extents.reduce((s, e) => s + e.sectors * SECTOR, 0);
 }
 
-const hex8 = (n: number): string => (n >>> 0).toString(16).padStart(8, '0');
+/** CIDs as QEMU prints them (`%x`: no zero padding). */
+const hex = (n: number): string => (n >>> 0).toString(16);
 
 function extentLineText(e: ExtentLine): string {
   let s = `${e.access} ${e.sectors} ${e.type}`;
@@ -193,7 +194,7 @@ function extentLineText(e: ExtentLine): string {
  */
 export function serializeDescriptor(d: VmdkDescriptor): string {
   const out: string[] = ['# Disk DescriptorFile', `version=${d.version}`];
-  out.push(`CID=${hex8(d.cid ?? 0)}`, `parentCID=${hex8(d.parentCid ?? NO_PARENT_CID)}`);
+  out.push(`CID=${hex(d.cid ?? 0)}`, `parentCID=${hex(d.parentCid ?? NO_PARENT_CID)}`);
   if (d.createType !== null) out.push(`createType="${d.createType}"`);
   if (d.parentFileNameHint !== null) out.push(`parentFileNameHint="${d.parentFileNameHint}"`);
   const known = new Set(['version', 'CID', 'parentCID', 'createType', 'parentFileNameHint']);

@@ -17,6 +17,7 @@ import { FlatExtent, NoAccessExtent, ZeroExtent, type VmdkExtent, type VmdkRun }
 import { hasKdmvMagic, parseSparseHeader } from './header.js';
 import { probeVmdk } from './probe.js';
 import { SparseExtent } from './sparse.js';
+import { VmdkWriter } from './writer.js';
 
 /** Where the descriptor text came from. */
 export type DescriptorSource = { kind: 'embedded'; offset: number; reserved: number } | { kind: 'file'; size: number };
@@ -79,11 +80,11 @@ async function readEmbeddedDescriptor(
     : { text, offset: Number(off), reserved: Number(reserved < BigInt(Number.MAX_SAFE_INTEGER) ? reserved : 0n) };
 }
 
-async function openExtentFile(descPath: string, line: ExtentLine): Promise<HostFile> {
+async function openExtentFile(descPath: string, line: ExtentLine, readOnly: boolean): Promise<HostFile> {
   const name = line.file as string;
   const p = resolveRelative(descPath, name);
   try {
-    return await HostFile.open(p, true);
+    return await HostFile.open(p, readOnly || line.access !== 'RW');
   } catch (e) {
     if (e instanceof BlockError && e.kind === 'not-found') {
       throw new BlockError(
@@ -98,7 +99,7 @@ async function openExtentFile(descPath: string, line: ExtentLine): Promise<HostF
 }
 
 /** Open the extents a descriptor names, in order, laid end to end (§1.3). */
-async function openExtents(desc: VmdkDescriptor, descPath: string): Promise<VmdkExtent[]> {
+async function openExtents(desc: VmdkDescriptor, descPath: string, readOnly: boolean): Promise<VmdkExtent[]> {
   const out: VmdkExtent[] = [];
   let start = 0;
   try {
@@ -113,10 +114,10 @@ async function openExtents(desc: VmdkDescriptor, descPath: string): Promise<Vmdk
       if (line.access === 'NOACCESS') out.push(new NoAccessExtent(index, line, start, length, descPath));
       else if (line.type === 'ZERO') out.push(new ZeroExtent(index, line, start, length));
       else if (line.type === 'FLAT' || line.type === 'VMFS') {
-        const f = await openExtentFile(descPath, line);
+        const f = await openExtentFile(descPath, line, readOnly);
         out.push(new FlatExtent(index, line, start, length, f, (line.offset ?? 0) * C.SECTOR));
       } else if (line.type === 'SPARSE') {
-        const f = await openExtentFile(descPath, line);
+        const f = await openExtentFile(descPath, line, readOnly);
         try {
           const head = new Uint8Array(Math.min(8, f.size));
           await f.readAt(head, 0);
@@ -141,9 +142,9 @@ async function openExtents(desc: VmdkDescriptor, descPath: string): Promise<Vmdk
 
 export class VmdkLayer implements Layer {
   readonly format = 'vmdk';
-  readonly readOnly = true;
   readonly size: number;
   private readonly starts: number[];
+  private writer: VmdkWriter | null = null;
 
   private constructor(
     /** The file that was opened: a text descriptor or a hosted sparse extent. */
@@ -155,6 +156,7 @@ export class VmdkLayer implements Layer {
     readonly createType: string,
     readonly backing: BlockDevice | null,
     readonly backingPath: string | null,
+    readonly readOnly: boolean,
   ) {
     this.size = extents.reduce((s, e) => s + e.length, 0);
     this.starts = extents.map((e) => e.start);
@@ -174,9 +176,6 @@ export class VmdkLayer implements Layer {
 
   static async open(file: HostFile, ctx: OpenContext): Promise<VmdkLayer> {
     const path = file.path;
-    if (!ctx.readOnly) {
-      throw new BlockError('not-supported', `${path}: writing VMDK images is not supported yet; open it read-only`, { path, op: 'open' });
-    }
     if (file.size < 4) throw new BlockError('invalid-image', `${path}: too small (${file.size} bytes) to be a VMDK image`, { path });
     const head = new Uint8Array(Math.min(C.HEADER_SIZE, file.size));
     await file.readAt(head, 0);
@@ -196,7 +195,7 @@ export class VmdkLayer implements Layer {
         if (emb === null) throw new BlockError('invalid-image', `${path}: sparse header has capacity 0 and an empty descriptor`, { path });
         desc = parseDescriptor(emb.text, path);
         source = { kind: 'embedded', offset: emb.offset, reserved: emb.reserved };
-        extents = await openExtents(desc, path);
+        extents = await openExtents(desc, path, ctx.readOnly);
         createType = desc.createType ?? 'monolithicSparse';
       } else {
         const sparse = await SparseExtent.open(file, { index: 0, line: null, start: 0, ownsFile: false });
@@ -250,7 +249,7 @@ export class VmdkLayer implements Layer {
         throw new BlockError('invalid-image', `${path}: the VMDK descriptor names no extents`, { path, structure: 'VMDK descriptor' });
       }
       source = { kind: 'file', size: file.size };
-      extents = await openExtents(desc, path);
+      extents = await openExtents(desc, path, ctx.readOnly);
       createType = desc.createType;
     }
 
@@ -301,7 +300,33 @@ export class VmdkLayer implements Layer {
       await Promise.allSettled(extents.map((x) => x.close()));
       throw e;
     }
-    return new VmdkLayer(file, desc, source, extents, createType, backing, backingPath);
+    const layer = new VmdkLayer(file, desc, source, extents, createType, backing, backingPath, ctx.readOnly);
+    if (!ctx.readOnly) {
+      try {
+        layer.writer = await VmdkWriter.open(layer);
+      } catch (e) {
+        await layer.close();
+        throw e;
+      }
+    }
+    return layer;
+  }
+
+  private get w(): VmdkWriter {
+    if (this.writer === null) throw new BlockError('read-only', `${this.path}: opened read-only`, { path: this.path, op: 'write' });
+    return this.writer;
+  }
+
+  write(buf: Uint8Array, offset: number): Promise<void> {
+    return this.w.write(buf, offset);
+  }
+
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.w.writeZeroes(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    if (this.writer !== null) await this.writer.flush();
   }
 
   /** Index of the extent holding guest offset `offset`. */
@@ -362,6 +387,7 @@ export class VmdkLayer implements Layer {
 
   async close(): Promise<void> {
     try {
+      if (this.writer !== null) await this.writer.flush();
       await Promise.all(this.extents.map((x) => x.close()));
     } finally {
       await this.file.close();
