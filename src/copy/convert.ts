@@ -6,7 +6,7 @@
  * compression, the clusters of a window are compressed concurrently (zlib's
  * async API runs in the libuv pool, so both cores work).
  */
-import type { BlockDevice, Extent } from '../block/device.js';
+import type { BlockDevice } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { isZero } from '../block/zero.js';
 import { layerOf } from '../formats/chain.js';
@@ -15,6 +15,7 @@ import { compressCluster } from '../formats/qcow2/compress.js';
 import { Qcow2Layer } from '../formats/qcow2/image.js';
 import { openImage } from '../formats/registry.js';
 import { convertToStreamOptimized } from '../formats/vmdk/stream-writer.js';
+import { extentsOf } from './map.js';
 
 export interface ConvertOptions {
   /** Output format: qcow2 or raw. */
@@ -42,18 +43,6 @@ export interface ConvertStats {
   bytesWritten: number;
   zeroBytes: number;
   compressedClusters: number;
-}
-
-async function extentsOf(dev: BlockDevice, offset: number, length: number): Promise<Extent[]> {
-  const out: Extent[] = [];
-  let pos = offset;
-  while (pos < offset + length) {
-    const ext = await dev.blockStatus(pos, offset + length - pos);
-    out.push(...ext);
-    const last = ext[ext.length - 1] as Extent;
-    pos = last.offset + last.length;
-  }
-  return out;
 }
 
 interface Window {

@@ -41,6 +41,22 @@ export async function* extents(dev: BlockDevice, offset = 0, length = dev.size -
   if (pending !== null) yield pending;
 }
 
+/**
+ * All extents of [offset, offset + length), asking block status until the
+ * range is covered (a driver may answer only a prefix).
+ */
+export async function extentsOf(dev: BlockDevice, offset: number, length: number): Promise<Extent[]> {
+  const out: Extent[] = [];
+  let pos = offset;
+  while (pos < offset + length) {
+    const ext = await dev.blockStatus(pos, offset + length - pos);
+    out.push(...ext);
+    const last = ext[ext.length - 1] as Extent;
+    pos = last.offset + last.length;
+  }
+  return out;
+}
+
 export function toMapEntry(e: Extent): MapEntry {
   const m: MapEntry = {
     start: e.offset,

@@ -38,18 +38,15 @@ import {
 import { fixChecksum } from './create.js';
 import { decodeFooter, footerValid, type VhdFooter } from './footer.js';
 import { decideSize } from './geometry.js';
+import { runCheck, type CheckPass } from '../check-runner.js';
 
 export interface VhdCheckOptions {
   repair?: RepairMode;
   log?: (line: string) => void;
 }
 
-interface Pass {
-  check: ImageCheck;
-  /** Repairs made in this pass (only when repairing). */
-  fixedCorruptions: number;
-  fixedLeaks: number;
-}
+/** One pass: the report and the repairs made in it (only when repairing). */
+type Pass = CheckPass;
 
 const dv = (b: Uint8Array): DataView => new DataView(b.buffer, b.byteOffset, b.byteLength);
 
@@ -290,19 +287,6 @@ async function pass(path: string, repair: RepairMode | undefined, log: (l: strin
 }
 
 /** Check (and with `repair`, fix what is safe, then check again, as qemu-img does). */
-export async function checkVhd(path: string, o: VhdCheckOptions = {}): Promise<CheckOutcome> {
-  const log = o.log ?? ((): void => {});
-  try {
-    const first = await pass(path, o.repair, log);
-    if (o.repair === undefined || (first.fixedCorruptions === 0 && first.fixedLeaks === 0)) {
-      return { check: first.check, repaired: null, failure: null };
-    }
-    const again = await pass(path, undefined, () => {});
-    again.check.corruptionsFixed = first.fixedCorruptions;
-    again.check.leaksFixed = first.fixedLeaks;
-    return { check: again.check, repaired: { leaks: first.fixedLeaks, corruptions: first.fixedCorruptions }, failure: null };
-  } catch (e) {
-    if (e instanceof BlockError) return { check: null, repaired: null, failure: e.message };
-    throw e;
-  }
+export function checkVhd(path: string, o: VhdCheckOptions = {}): Promise<CheckOutcome> {
+  return runCheck(pass, path, o.repair, o.log ?? ((): void => {}));
 }

@@ -27,17 +27,14 @@ import { openImage } from '../registry.js';
 import * as C from './constants.js';
 import { VmdkLayer } from './image.js';
 import { SparseExtent } from './sparse.js';
+import { runCheck, type CheckPass } from '../check-runner.js';
 
 export interface VmdkCheckOptions {
   repair?: RepairMode;
   log?: (line: string) => void;
 }
 
-interface Pass {
-  check: ImageCheck;
-  fixedCorruptions: number;
-  fixedLeaks: number;
-}
+type Pass = CheckPass;
 
 interface Range {
   start: number;
@@ -225,19 +222,7 @@ async function pass(path: string, repair: RepairMode | undefined, log: (l: strin
   return { check: c, fixedCorruptions, fixedLeaks };
 }
 
-export async function checkVmdk(path: string, o: VmdkCheckOptions = {}): Promise<CheckOutcome> {
-  const log = o.log ?? ((): void => {});
-  try {
-    const first = await pass(path, o.repair, log);
-    if (o.repair === undefined || (first.fixedCorruptions === 0 && first.fixedLeaks === 0)) {
-      return { check: first.check, repaired: null, failure: null };
-    }
-    const again = await pass(path, undefined, () => {});
-    again.check.corruptionsFixed = first.fixedCorruptions;
-    again.check.leaksFixed = first.fixedLeaks;
-    return { check: again.check, repaired: { leaks: first.fixedLeaks, corruptions: first.fixedCorruptions }, failure: null };
-  } catch (e) {
-    if (e instanceof BlockError) return { check: null, repaired: null, failure: e.message };
-    throw e;
-  }
+/** Check (and with `repair`, fix what is safe, then check again, as qemu-img does). */
+export function checkVmdk(path: string, o: VmdkCheckOptions = {}): Promise<CheckOutcome> {
+  return runCheck(pass, path, o.repair, o.log ?? ((): void => {}));
 }

@@ -22,12 +22,14 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { promisify } from 'node:util';
 import { deflate as deflateCb } from 'node:zlib';
-import type { BlockDevice, Extent } from '../../block/device.js';
+import type { BlockDevice } from '../../block/device.js';
+import type { ConvertStats } from '../../copy/convert.js';
 import { BlockError, fromSystemError } from '../../block/errors.js';
 import { isZero } from '../../block/zero.js';
 import { dataView } from '../../util/bytes.js';
 import * as C from './constants.js';
 import { DEFAULT_GRAIN_SECTORS, descriptorTemplate, EMBEDDED_DESCRIPTOR_SECTORS, randomCid, sparseHeaderBytes } from './create.js';
+import { extentsOf } from '../../copy/map.js';
 
 const deflate = promisify(deflateCb);
 
@@ -302,24 +304,8 @@ export function streamDescriptor(path: string, size: number, o: Record<string, s
   });
 }
 
-export interface StreamConvertStats {
-  bytesRead: number;
-  bytesWritten: number;
-  zeroBytes: number;
-  compressedClusters: number;
-}
-
-async function extentsOf(dev: BlockDevice, offset: number, length: number): Promise<Extent[]> {
-  const out: Extent[] = [];
-  let pos = offset;
-  while (pos < offset + length) {
-    const ext = await dev.blockStatus(pos, offset + length - pos);
-    out.push(...ext);
-    const last = ext[ext.length - 1] as Extent;
-    pos = last.offset + last.length;
-  }
-  return out;
-}
+/** The same counts as convert reports. */
+export type StreamConvertStats = ConvertStats;
 
 /**
  * `convert -O vmdk -o subformat=streamOptimized`: the source read in order,
