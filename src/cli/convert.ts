@@ -1,4 +1,4 @@
-/** `rblock convert`: copy an image into a new qcow2 or raw image (like qemu-img convert). */
+/** `rblock convert`: copy an image into a new qcow2, raw, VHD or VMDK image (like qemu-img convert). */
 import { SingleBar } from 'cli-progress';
 import { BlockError } from '../block/errors.js';
 import { convert } from '../copy/convert.js';

@@ -135,7 +135,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .description('Create a new image (like qemu-img create).')
     .argument('<image>', 'the image file to create')
     .argument('[size]', "virtual size (K, M, G, T suffixes); defaults to the backing file's", sizeArg('size'))
-    .option('-f, --format <fmt>', 'image format: qcow2 or raw', 'raw')
+    .option('-f, --format <fmt>', 'image format: qcow2, raw, vpc (VHD) or vmdk', 'raw')
     .option(
       '-o, --options <list>',
       'format options: cluster_size=, refcount_bits=, compat=0.10|1.1, extended_l2=on|off, compression_type=zlib|zstd, lazy_refcounts=on|off, preallocation=off|metadata|full, data_file=, data_file_raw=on|off',
@@ -165,12 +165,12 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
   program
     .command('convert')
     .description(
-      'Copy an image (any format rblock reads, chains flattened) into a new qcow2 or raw image, sparsely (like qemu-img convert).',
+      'Copy an image (any format rblock reads, chains flattened) into a new qcow2, raw, vpc (VHD) or vmdk image, sparsely (like qemu-img convert).',
     )
     .argument('<source>', 'source image')
     .argument('<target>', 'target image')
     .option('-f, --format <fmt>', 'source format (default: probe)')
-    .requiredOption('-O, --output-format <fmt>', 'target format: qcow2 or raw')
+    .requiredOption('-O, --output-format <fmt>', 'target format: qcow2, raw, vpc or vmdk')
     .option('-c, --compress', 'compress data clusters (qcow2; zlib, or zstd with -o compression_type=zstd)')
     .option('-o, --options <list>', 'target creation options, as for create', (v: string, prev: string[] = []) => [...prev, v])
     .option('-B, --backing <file>', 'backing file of the target')

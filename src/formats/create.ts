@@ -84,7 +84,7 @@ export async function createImage(req: CreateRequest): Promise<{ size: number; s
   if (req.format === 'vmdk') return createVmdkImage(req, o, size, backingFile, backingFormat);
   if (req.format === 'vpc') return createVpc(req.path, size, o, req.size ?? size, backingFile, backingFormat);
   if (req.format !== 'qcow2') {
-    throw new BlockError('not-supported', `${req.path}: creating ${req.format} images is not supported yet (qcow2 and raw are)`, {
+    throw new BlockError('not-supported', `${req.path}: creating ${req.format} images is not supported (qcow2, raw, vpc and vmdk are)`, {
       path: req.path,
     });
   }
