@@ -113,14 +113,14 @@ export interface ImageFacts {
   builtSeconds: number;
 }
 
-function cached(path: string, version: string): string | null {
+export function cached(path: string, version: string): string | null {
   const marker = `${path}.ok`;
   if (!existsSync(path) || !existsSync(marker)) return null;
   const m = JSON.parse(readFileSync(marker, 'utf8')) as { version: string; description: string };
   return m.version === version ? m.description : null;
 }
 
-function finish(path: string, version: string, description: string): void {
+export function finish(path: string, version: string, description: string): void {
   writeFileSync(`${path}.ok`, JSON.stringify({ version, description }) + '\n');
 }
 

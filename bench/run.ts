@@ -7,6 +7,10 @@
  *   info   `rblock info IMG` vs `qemu-img info IMG` on a 1 TiB sparse qcow2.
  *   map    `rblock map IMG --output json` vs `qemu-img map --output=json IMG`
  *          on the same image; outputs checked identical once.
+ *   ops    convert raw<->qcow2 (plain, -c zlib, -c zstd), raw<->vpc, raw<->vmdk
+ *          (streamOptimized, monolithicSparse) and check of an 8 GiB
+ *          allocated qcow2, rblock vs the same qemu-img command: see ops.ts
+ *          for the figures' --only names (or `--only ops` for all of them).
  *
  * Each timed run: output deleted, `sync`, then spawn; tools alternate
  * (A B A B ...), N rounds each (default 5); medians are reported with the
@@ -14,7 +18,8 @@
  * (on a shared machine the least disturbed run of each is the steadiest
  * figure).
  *
- * Options: --rounds N, --only read|info|map (repeatable), --scratch DIR,
+ * Options: --rounds N, --ops-rounds N (ops figures; default 3, 1 for the
+ * zlib-compressing ones), --only read|info|map|ops|<op name> (repeatable), --scratch DIR,
  * --json FILE (also write the results as JSON), --rblock PATH (another
  * bin/rblock.js, e.g. a build of an older tree, to compare), --keep-env.
  * Images are cached in $TMPDIR/rblock-bench (or --scratch) and rebuilt when missing.
@@ -29,6 +34,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ensureBigImage, ensureReadImage, type ImageFacts } from './images.js';
+import { benchOps, OPS } from './ops.js';
 import { median, rssMethod, run, sha256File, sync, timedRun, type RunResult } from './measure.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -39,6 +45,7 @@ const READ_TARGET = 1.2;
 
 interface Args {
   rounds: number;
+  opsRounds?: number;
   only: Set<string>;
   scratch: string;
   json?: string;
@@ -56,8 +63,12 @@ function parseArgs(argv: string[]): Args {
       return x;
     };
     if (k === '--rounds') a.rounds = Math.max(1, Number(v()));
-    else if (k === '--only') a.only.add(v());
-    else if (k === '--scratch') a.scratch = v();
+    else if (k === '--ops-rounds') a.opsRounds = Math.max(1, Number(v()));
+    else if (k === '--only') {
+      const n = v();
+      if (!['read', 'info', 'map', 'ops', ...OPS.map((o) => o.key)].includes(n)) throw new Error(`unknown --only ${n}`);
+      a.only.add(n);
+    } else if (k === '--scratch') a.scratch = v();
     else if (k === '--json') a.json = v();
     else if (k === '--rblock') a.rblock = v();
     else if (k === '--keep-env') a.keepEnv = true;
@@ -214,6 +225,12 @@ async function main(): Promise<number> {
     if (want('info')) rows.push(await benchInfo(args, img));
     if (want('map')) rows.push(await benchMap(args, img));
   }
+  const ops = await benchOps(
+    { rblock: RBLOCK, env: ENV, scratch: args.scratch, rounds: args.opsRounds, log },
+    (k) => want(k) || args.only.has('ops'),
+  );
+  rows.push(...ops.rows);
+  images.push(...ops.images);
   // Context for the figures: what starting node, and the rblock CLI with no work to do, cost on their own.
   const startup = async (args2: string[]): Promise<number> => {
     const xs: number[] = [];
@@ -233,7 +250,7 @@ async function main(): Promise<number> {
     const ratio = median(r.rblock.map((x) => x.ms)) / median(r.qemu.map((x) => x.ms));
     if (r.name.startsWith('read'))
       out.push(`read target <= ${READ_TARGET}x: ${ratio <= READ_TARGET ? 'met' : 'NOT MET'} (${ratio.toFixed(2)}x)`);
-    else {
+    else if (r.name.startsWith('info') || r.name.startsWith('map')) {
       const peak = Math.max(...r.rblock.map((x) => x.rssKiB)) / 1024;
       out.push(`${r.name}: rblock peak RSS ${peak.toFixed(1)} MiB ${peak < RSS_LIMIT_MIB ? '<' : 'NOT <'} ${RSS_LIMIT_MIB} MiB`);
       if (peak >= RSS_LIMIT_MIB) ok = false;
