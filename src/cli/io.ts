@@ -6,8 +6,20 @@ export interface Io {
   err(s: string): void;
 }
 
+// A reader that goes away (`rblock map x | head`) is not an error: stop quietly, as qemu-img does.
+let epipeHandled = false;
+function handleEpipe(): void {
+  if (epipeHandled) return;
+  epipeHandled = true;
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(0);
+    throw e;
+  });
+}
+
 export const processIo: Io = {
   async out(s) {
+    handleEpipe();
     if (!process.stdout.write(s)) await once(process.stdout, 'drain');
   },
   err(s) {

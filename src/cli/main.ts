@@ -7,19 +7,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { BlockError } from '../block/errors.js';
 import { parseSize } from '../util/size.js';
 import { reportError } from './errors.js';
-import { runCommit, runRebase, runResize } from './chain-ops.js';
-import { registerCheck } from './check.js';
-import { registerCompare } from './compare.js';
-import { runConvert } from './convert.js';
-import { runCreate } from './create.js';
-import { registerDelta } from './delta.js';
-import { runInfo } from './info.js';
-import { runInspect } from './inspect.js';
 import { processIo, type Io } from './io.js';
-import { runMap } from './map.js';
-import { runRead } from './read.js';
-import { registerRpc } from './rpc.js';
-import { registerServe } from './serve.js';
 
 function version(): string {
   try {
@@ -42,7 +30,32 @@ function sizeArg(what: string) {
 
 const outputOption = () => new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human');
 
-export function buildProgram(io: Io, setExit: (code: number) => void): Command {
+type Register = (program: Command, io: Io, setExit: (code: number) => void) => void;
+
+/**
+ * Commands whose modules pull in a server, a checker or a comparer: loaded
+ * only when that command runs (or for the full help), so `rblock info` does
+ * not pay node's module loading for all of rblock (startup is most of a small
+ * command's time).
+ */
+const LAZY_COMMANDS: Record<string, () => Promise<Register>> = {
+  serve: async () => (await import('./serve.js')).registerServe,
+  check: async () => (await import('./check.js')).registerCheck,
+  compare: async () => (await import('./compare.js')).registerCompare,
+  delta: async () => (await import('./delta.js')).registerDelta,
+  rpc: async () => (await import('./rpc.js')).registerRpc,
+};
+
+/** The program with every command, or (given `only`) the inline ones plus that lazy one. */
+export async function buildProgram(io: Io, setExit: (code: number) => void, only?: string): Promise<Command> {
+  const program = buildInlineCommands(io, setExit);
+  for (const [name, load] of Object.entries(LAZY_COMMANDS)) {
+    if (only === undefined || only === name) (await load())(program, io, setExit);
+  }
+  return program;
+}
+
+function buildInlineCommands(io: Io, setExit: (code: number) => void): Command {
   const program = new Command();
   program
     .name('rblock')
@@ -64,7 +77,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .option('--backing-chain', 'also show every image of the backing chain')
     .addHelpText('after', '\nExamples:\n  rblock info disk.qcow2\n  rblock info --output json --backing-chain overlay.qcow2\n')
     .action(async (image: string, o: { format?: string; output: 'human' | 'json'; backingChain?: boolean }) => {
-      setExit(await runInfo(image, o, io));
+      setExit(await (await import('./info.js')).runInfo(image, o, io));
     });
 
   program
@@ -75,7 +88,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .addOption(outputOption())
     .addHelpText('after', '\nJSON entries: {start, length, depth, present, zero, data[, offset]}, as qemu-img map --output=json.\n')
     .action(async (image: string, o: { format?: string; output: 'human' | 'json' }) => {
-      setExit(await runMap(image, o, io));
+      setExit(await (await import('./map.js')).runMap(image, o, io));
     });
 
   program
@@ -109,7 +122,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
         image: string,
         o: { format?: string; l1?: boolean; l2?: number; refcounts?: boolean; block?: number; gt?: number; output: 'human' | 'json' },
       ) => {
-        setExit(await runInspect(image, o, io));
+        setExit(await (await import('./inspect.js')).runInspect(image, o, io));
       },
     );
 
@@ -127,7 +140,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
       '\nExamples:\n  rblock read disk.qcow2 --output disk.raw\n  rblock read disk.qcow2 --offset 1M --length 512 --hexdump\n',
     )
     .action(async (image: string, o: { format?: string; offset?: number; length?: number; output?: string; hexdump?: boolean }) => {
-      setExit(await runRead(image, o, io));
+      setExit(await (await import('./read.js')).runRead(image, o, io));
     });
 
   program
@@ -155,12 +168,9 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
         size: number | undefined,
         o: { format: string; options?: string[]; backing?: string; backingFormat?: string; unsafe?: boolean; quiet?: boolean },
       ) => {
-        setExit(await runCreate(image, size, o, io));
+        setExit(await (await import('./create.js')).runCreate(image, size, o, io));
       },
     );
-
-  registerServe(program, io, setExit);
-  registerCheck(program, io, setExit);
 
   program
     .command('convert')
@@ -202,7 +212,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
           targetIsZero?: boolean;
         },
       ) => {
-        setExit(await runConvert(source, target, { ...o, noCreate: !o.create }, io));
+        setExit(await (await import('./convert.js')).runConvert(source, target, { ...o, noCreate: !o.create }, io));
       },
     );
 
@@ -213,7 +223,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .option('-f, --format <fmt>', 'image format (default: probe)')
     .option('-q, --quiet', 'print nothing')
     .action(async (image: string, o: { format?: string; quiet?: boolean }) => {
-      setExit(await runCommit(image, o, io));
+      setExit(await (await import('./chain-ops.js')).runCommit(image, o, io));
     });
 
   program
@@ -229,7 +239,7 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
       '\nExamples:\n  rblock rebase -b new-base.qcow2 -F qcow2 overlay.qcow2\n  rblock rebase -u -b moved/base.qcow2 overlay.qcow2\n',
     )
     .action(async (image: string, o: { backing: string; backingFormat?: string; format?: string; unsafe?: boolean }) => {
-      setExit(await runRebase(image, o, io));
+      setExit(await (await import('./chain-ops.js')).runRebase(image, o, io));
     });
 
   program
@@ -241,20 +251,24 @@ export function buildProgram(io: Io, setExit: (code: number) => void): Command {
     .option('--shrink', 'allow shrinking (refused if anything allocated would be cut)')
     .option('-q, --quiet', 'print nothing')
     .action(async (image: string, size: string, o: { format?: string; shrink?: boolean; quiet?: boolean }) => {
-      setExit(await runResize(image, size, o, io));
+      setExit(await (await import('./chain-ops.js')).runResize(image, size, o, io));
     });
 
-  registerCompare(program, io, setExit);
-  registerDelta(program, io, setExit);
-  registerRpc(program, io, setExit);
-
   return program;
+}
+
+const INLINE = new Set(['info', 'map', 'inspect', 'read', 'create', 'convert', 'commit', 'rebase', 'resize']);
+function isInline(name: string): boolean {
+  return INLINE.has(name);
 }
 
 /** Run the CLI with these arguments; resolves to the exit code. */
 export async function main(argv: string[], io: Io = processIo): Promise<number> {
   let code = 0;
-  const program = buildProgram(io, (c) => (code = c));
+  // Only the command being run is loaded; anything else (help, a typo) gets them all.
+  const first = argv.find((a) => !a.startsWith('-'));
+  const only = first !== undefined && first in LAZY_COMMANDS ? first : first !== undefined && isInline(first) ? '' : undefined;
+  const program = await buildProgram(io, (c) => (code = c), only);
   const debug = argv.includes('--debug');
   if (argv.length === 0) {
     program.outputHelp();
