@@ -133,8 +133,15 @@ export class HostFile {
     this.cachedSize = size;
   }
 
+  /**
+   * With cache 'unsafe' (qemu-img convert's default for its target) flushes
+   * are skipped: the data reaches the disk when the kernel writes it back.
+   * Only for files whose contents are worthless after a crash anyway.
+   */
+  unsafe = false;
+
   async sync(): Promise<void> {
-    if (this.readOnly) return;
+    if (this.readOnly || this.unsafe) return;
     try {
       await this.fh.datasync();
     } catch (e) {

@@ -29,6 +29,12 @@ export interface ProbeInput {
 export interface OpenOptions {
   /** Skip probing: open as this format. */
   format?: string;
+  /**
+   * 'unsafe': flushes of the image file do nothing (qemu's cache=unsafe, the
+   * default for qemu-img convert's target). Ordering between writes is kept,
+   * durability is not: use only for an image that is rebuilt after a crash.
+   */
+  cache?: 'writeback' | 'unsafe';
   /** Default true: tools that only look must not be able to change anything. */
   readOnly?: boolean;
   /**
@@ -132,6 +138,7 @@ function driverByName(name: string, path: string): FormatDriver {
 async function openInChain(path: string, format: string | undefined, options: OpenOptions, chain: ChainState): Promise<BlockDevice> {
   const readOnly = options.readOnly ?? true;
   const file = await HostFile.open(path, readOnly);
+  if (options.cache === 'unsafe') file.unsafe = true;
   try {
     const driver = format !== undefined ? driverByName(format, path) : probeFormat(await probeInput(file));
     const ctx: OpenContext = {
