@@ -6,6 +6,7 @@
  * into a failure, so CI can never pass by skipping.
  */
 import { spawnSync, type SpawnSyncOptions } from 'node:child_process';
+import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -82,4 +83,22 @@ export function sha256File(path: string): Promise<string> {
       .on('end', () => res(h.digest('hex')))
       .on('error', rej);
   });
+}
+
+/** Resolves once something accepts connections on this Unix socket (a server started in the background). */
+export async function waitForSocket(path: string, ms = 10000): Promise<void> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = connect(path);
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`nothing listens on ${path}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }

@@ -8,7 +8,6 @@ import test, { type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { connect } from 'node:net';
 import { join } from 'node:path';
 import { memoryDevice } from '../../src/block/memory.js';
 import type { GenericDevice } from '../../src/block/generic.js';
@@ -17,7 +16,7 @@ import { openNbd } from '../../src/nbd/client-device.js';
 import type { NbdClient } from '../../src/nbd/client.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { parseNbdUri } from '../../src/nbd/uri.js';
-import { needTools, rblock, run, scratchDir } from '../helpers/tools.js';
+import { needTools, rblock, run, scratchDir, waitForSocket } from '../helpers/tools.js';
 import { createQcow2, pseudoRandom, qemuIo } from './qemu.js';
 
 const T = { timeout: 30000 };
@@ -27,23 +26,6 @@ function killOnTeardown(t: TestContext, proc: ChildProcess): void {
   t.after(() => {
     if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
   });
-}
-
-async function waitForSocket(path: string, ms = 10000): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(path);
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing listens on ${path}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 /** Start a server process that listens on `sock`; killed at teardown. */

@@ -13,12 +13,11 @@ import test, { type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { connect } from 'node:net';
 import { join } from 'node:path';
 import { encodeInfoRequest, encodeMetaContextRequest } from '../../src/nbd/codec.js';
 import { Chunk, Cmd, Errno, Opt, Rep } from '../../src/nbd/protocol.js';
 import { TinyClient } from '../helpers/nbd-tiny-client.js';
-import { RBLOCK, REQUIRE_TOOLS, needTools, run, scratchDir, sha256File } from '../helpers/tools.js';
+import { RBLOCK, REQUIRE_TOOLS, needTools, run, scratchDir, sha256File, waitForSocket } from '../helpers/tools.js';
 import { createQcow2, qemuImg, qemuIo } from './qemu.js';
 
 const T = { timeout: 30000 };
@@ -70,24 +69,6 @@ async function serve(t: TestContext, args: string[]): Promise<Served> {
     });
   });
   return { proc, uri, stderr, exited };
-}
-
-/** Resolves once something accepts connections on this Unix socket. */
-async function waitForSocket(path: string, ms = 10000): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect(path);
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing listens on ${path}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 /** `qemu-nbd -r -t -A -k SOCK -f FMT IMG` (allocation depth on), the reference server. */

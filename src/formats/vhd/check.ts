@@ -20,7 +20,7 @@
 import { BlockError } from '../../block/errors.js';
 import { HostFile } from '../../block/file.js';
 import { hex } from '../../util/bytes.js';
-import type { CheckOutcome, ImageCheck, RepairMode } from '../qcow2/check.js';
+import { emptyCounts, type CheckOutcome, type ImageCheck, type RepairMode } from '../qcow2/check.js';
 import { openImage } from '../registry.js';
 import {
   BAT_UNUSED,
@@ -59,16 +59,7 @@ async function pass(path: string, repair: RepairMode | undefined, log: (l: strin
   const c: ImageCheck = {
     filename: path,
     format: 'vpc',
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
+    ...emptyCounts(),
   };
   let fixedCorruptions = 0;
   let fixedLeaks = 0;
