@@ -2,21 +2,12 @@
  * The rblock command line: a thin adapter over the library. Option names
  * follow qemu-img where it has them (-f, --output, --backing-chain).
  */
-import { readFileSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { BlockError } from '../block/errors.js';
 import { parseSize } from '../util/size.js';
+import { rblockVersion } from '../util/version.js';
 import { reportError } from './errors.js';
 import { processIo, type Io } from './io.js';
-
-function version(): string {
-  try {
-    const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
-    return pkg.version;
-  } catch {
-    return 'unknown';
-  }
-}
 
 function sizeArg(what: string) {
   return (v: string): number => {
@@ -62,7 +53,7 @@ function buildInlineCommands(io: Io, setExit: (code: number) => void): Command {
     .description(
       'Virtual disk images and block devices: qcow2, raw, VHD and VMDK images, inspected, converted, checked, compared and served over NBD.',
     )
-    .version(version(), '-V, --version')
+    .version(rblockVersion(), '-V, --version')
     .option('--debug', 'print stack traces with errors')
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ writeOut: (s) => void io.out(s), writeErr: (s) => io.err(s) })

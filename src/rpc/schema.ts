@@ -4,7 +4,6 @@
  * The dispatcher validates params against it, `rblock rpc --help` lists it,
  * and docs/json-rpc.md is generated from it (methodsMarkdown).
  */
-import { readFileSync } from 'node:fs';
 import type { BlockDevice } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { jsonCheck } from '../cli/check.js';
@@ -20,6 +19,7 @@ import { inspectVhd } from '../formats/vhd/inspect.js';
 import { VmdkLayer } from '../formats/vmdk/image.js';
 import { inspectVmdk } from '../formats/vmdk/inspect.js';
 import { translate } from './translate.js';
+import { rblockVersion } from '../util/version.js';
 
 export type ParamType = 'integer' | 'string' | 'boolean';
 
@@ -96,15 +96,6 @@ export interface MethodSpec {
 }
 
 export const PROTOCOL_VERSION = 1;
-
-export function rblockVersion(): string {
-  try {
-    const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
-    return pkg.version;
-  } catch {
-    return 'unknown';
-  }
-}
 
 const offsetParam: ParamSpec = { name: 'offset', type: 'integer', required: true, doc: 'guest byte offset' };
 const lengthParam: ParamSpec = { name: 'length', type: 'integer', required: true, min: 1, doc: 'number of bytes' };
