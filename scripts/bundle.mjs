@@ -24,7 +24,12 @@ await build({
   format: 'esm',
   platform: 'node',
   target: 'node20',
-  packages: 'external',
+  // commander is bundled too: as a CommonJS package loaded from ESM it cost
+  // more startup (cjs-module-lexer, one file at a time) than all our code.
+  // zstd-wasm stays external (it loads its .wasm file beside its own code).
+  external: ['@bokuweb/zstd-wasm', 'cli-progress'],
+  // Bundled CommonJS calls require() for node's built-ins; ESM has none.
+  banner: { js: "import { createRequire as __rblockCreateRequire } from 'node:module'; const require = __rblockCreateRequire(import.meta.url);" },
   sourcemap: 'linked',
   logLevel: 'warning',
 });
