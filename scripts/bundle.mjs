@@ -29,7 +29,9 @@ await build({
   // zstd-wasm stays external (it loads its .wasm file beside its own code).
   external: ['@bokuweb/zstd-wasm', 'cli-progress'],
   // Bundled CommonJS calls require() for node's built-ins; ESM has none.
-  banner: { js: "import { createRequire as __rblockCreateRequire } from 'node:module'; const require = __rblockCreateRequire(import.meta.url);" },
+  banner: {
+    js: "import { createRequire as __rblockCreateRequire } from 'node:module'; const require = __rblockCreateRequire(import.meta.url);",
+  },
   sourcemap: 'linked',
   logLevel: 'warning',
 });
