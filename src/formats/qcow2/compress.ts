@@ -10,26 +10,31 @@
  */
 import { constants, deflateRaw, inflateRaw } from 'node:zlib';
 import { promisify } from 'node:util';
-import { init as zstdInit, decompress as zstdDecompress } from '@bokuweb/zstd-wasm';
 import { BlockError, type ErrorContext } from '../../block/errors.js';
-import { zstdCompressAsync } from './zstd-pool.js';
 
 const inflateRawAsync = promisify(inflateRaw);
 
-let zstdReady: Promise<void> | null = null;
-function ensureZstd(): Promise<void> {
+// The zstd library (its emscripten glue and wasm) and the compression worker
+// pool are loaded on first use only: most images have no zstd cluster, and
+// loading them cost every command ~15 ms of startup (more under load).
+type ZstdLib = typeof import('@bokuweb/zstd-wasm');
+let zstdLib: Promise<ZstdLib> | null = null;
+function loadZstd(): Promise<ZstdLib> {
   // init() twice re-instantiates the wasm module under functions already bound to the first
   // instance, which then decode garbage: skip it when the application has initialised it already.
-  zstdReady ??= zstdUsable() ? Promise.resolve() : zstdInit();
-  return zstdReady;
+  zstdLib ??= import('@bokuweb/zstd-wasm').then(async (lib) => {
+    if (!zstdUsable(lib)) await lib.init();
+    return lib;
+  });
+  return zstdLib;
 }
 
 /** An empty zstd frame: single segment, content size 0, one empty raw last block. */
 const EMPTY_FRAME = new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x00, 0x01, 0x00, 0x00]);
 
-function zstdUsable(): boolean {
+function zstdUsable(lib: ZstdLib): boolean {
   try {
-    return zstdDecompress(EMPTY_FRAME, { defaultHeapSize: 1 }).length === 0;
+    return lib.decompress(EMPTY_FRAME, { defaultHeapSize: 1 }).length === 0;
   } catch {
     return false;
   }
@@ -63,9 +68,9 @@ export async function decompressCluster(
   } else {
     const frameLen = zstdFrameLength(input, clusterSize);
     if (typeof frameLen === 'string') throw fail(ctx, frameLen);
-    await ensureZstd();
+    const zstd = await loadZstd();
     try {
-      out = zstdDecompress(input.subarray(0, frameLen), { defaultHeapSize: clusterSize });
+      out = zstd.decompress(input.subarray(0, frameLen), { defaultHeapSize: clusterSize });
     } catch (e) {
       throw fail(ctx, e instanceof Error ? e.message : String(e), e);
     }
@@ -119,6 +124,7 @@ export function zstdFrameLength(buf: Uint8Array, maxContent: number): number | s
 }
 
 const deflateRawAsync = promisify(deflateRaw);
+let zstdPool: Promise<typeof import('./zstd-pool.js')> | null = null;
 
 /**
  * Compress one cluster for writing (§5). zlib: raw deflate with a 4 KiB
@@ -131,7 +137,8 @@ export async function compressCluster(type: number, data: Uint8Array): Promise<U
   if (type === 0) {
     out = await deflateRawAsync(data, { windowBits: 12, memLevel: 9 });
   } else {
-    out = await zstdCompressAsync(data, 3);
+    zstdPool ??= import('./zstd-pool.js');
+    out = await (await zstdPool).zstdCompressAsync(data, 3);
   }
   return out.length < data.length - 1 ? out : null;
 }
