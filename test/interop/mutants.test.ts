@@ -125,7 +125,10 @@ async function exercise(path: string): Promise<void> {
     const buf = new Uint8Array(MiB);
     for (let o = 0; o < n; o += buf.length) await dev.pread(buf.subarray(0, Math.min(buf.length, n - o)), o);
     let entries = 0;
-    for await (const _ of mapImage(dev)) if (++entries > 100_000) break;
+    for await (const e of mapImage(dev)) {
+      assert.ok(e.length > 0, `${path}: empty map entry`);
+      if (++entries > 100_000) break;
+    }
   } finally {
     await dev.close();
   }
