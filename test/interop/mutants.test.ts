@@ -77,7 +77,20 @@ before(() => {
 
 const QCOW2_SEEDS = ['q.qcow2', 'qx.qcow2', 'qb.qcow2', 'qc.qcow2', 'qz.qcow2'];
 const ALL_SEEDS = [...QCOW2_SEEDS, 'v.vhd', 'vf.vhd', 'k.vmdk', 'ks.vmdk'];
-const EXTREMES = [0n, 1n, 0xffn, 0xffffn, 0x200n, 0x10000n, 0x7fffffffn, 0xfffffe00n, 0xffffffffn, 0x100000000n, 1n << 63n, (1n << 64n) - 1n];
+const EXTREMES = [
+  0n,
+  1n,
+  0xffn,
+  0xffffn,
+  0x200n,
+  0x10000n,
+  0x7fffffffn,
+  0xfffffe00n,
+  0xffffffffn,
+  0x100000000n,
+  1n << 63n,
+  (1n << 64n) - 1n,
+];
 
 /** One mutant of `orig`: 1-4 local damages, mostly in the metadata areas; sometimes truncated. */
 function mutate(orig: Buffer, r: () => number): Buffer {
