@@ -9,10 +9,17 @@
 // The library entry (dist/src/index.js) is tsc's output and is not bundled.
 import { build } from 'esbuild';
 import { rmSync } from 'node:fs';
+import process from 'node:process';
+import { URL, fileURLToPath } from 'node:url';
+
+// Paths below are relative to the repository root, wherever this is run from.
+const root = fileURLToPath(new URL('..', import.meta.url));
+process.chdir(root);
 
 const outdir = 'dist/bundle';
 rmSync(outdir, { recursive: true, force: true });
 await build({
+  absWorkingDir: root,
   // zstd-worker runs in a worker thread, started from zstd-pool by a URL
   // relative to the module that starts it: an entry of its own, named so
   // that the URL still resolves inside dist/bundle/.

@@ -38,13 +38,33 @@ export function allocAligned(size: number): Buffer {
   return Buffer.alloc(size);
 }
 
+/**
+ * What HostFile does its I/O on: a node FileHandle, or (block/device-file.ts)
+ * a block device such as an NBD export, so that a format driver can read an
+ * image whose bytes are served over the network (`-f qcow2 nbd://...`, as
+ * qemu-img does).
+ */
+export interface FileBackend {
+  read(buf: Uint8Array, offset: number, length: number, position: number): Promise<{ bytesRead: number }>;
+  write(buf: Uint8Array, offset: number, length: number, position: number): Promise<{ bytesWritten: number }>;
+  truncate(size: number): Promise<void>;
+  datasync(): Promise<void>;
+  stat(): Promise<{ blocks: number }>;
+  close(): Promise<void>;
+}
+
 export class HostFile {
   private constructor(
     readonly path: string,
-    private readonly fh: FileHandle,
+    private readonly fh: FileBackend,
     readonly readOnly: boolean,
     private cachedSize: number,
   ) {}
+
+  /** A HostFile over another backend (a block device: see block/device-file.ts). */
+  static over(path: string, backend: FileBackend, readOnly: boolean, size: number): HostFile {
+    return new HostFile(path, backend, readOnly, size);
+  }
 
   static async open(path: string, readOnly: boolean): Promise<HostFile> {
     let fh: FileHandle;

@@ -9,6 +9,7 @@ import { dirname, isAbsolute, join, resolve } from 'node:path';
 import type { BlockDevice, Capabilities, Extent, IoOpts } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { GenericDevice, type Driver } from '../block/generic.js';
+import { isNbdUri } from '../nbd/uri.js';
 import type { Layer, LayerRun } from './layer.js';
 
 /** A chain deeper than this is refused: it is almost certainly a mistake or an attack. */
@@ -20,7 +21,16 @@ export const MAX_CHAIN_DEPTH = 64;
  * result, so `info` shows the same full-backing-filename as qemu-img.
  */
 export function resolveRelative(referrer: string, name: string): string {
-  if (isAbsolute(name)) return name;
+  if (isAbsolute(name) || isNbdUri(name)) return name;
+  if (isNbdUri(referrer)) {
+    // An image served over NBD names its backing file relative to its own
+    // URI, like qemu's path_combine on a URL: nbd://h/dir/top + base -> nbd://h/dir/base.
+    // The query (socket=, tls-*) belongs to the server, so it is kept.
+    const u = new URL(referrer);
+    const r = new URL(name, u);
+    r.search = u.search;
+    return r.href;
+  }
   return join(dirname(referrer), name);
 }
 

@@ -8,6 +8,7 @@
  */
 import type { BlockDevice } from '../block/device.js';
 import { BlockError, fromSystemError } from '../block/errors.js';
+import { deviceAsFile } from '../block/device-file.js';
 import { HostFile } from '../block/file.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { enterChain, type ChainState } from './chain.js';
@@ -137,10 +138,25 @@ function driverByName(name: string, path: string): FormatDriver {
 
 async function openInChain(path: string, format: string | undefined, options: OpenOptions, chain: ChainState): Promise<BlockDevice> {
   const readOnly = options.readOnly ?? true;
-  const file = await HostFile.open(path, readOnly);
-  if (options.cache === 'unsafe') file.unsafe = true;
+  let file: HostFile;
+  let export_: BlockDevice | null = null;
+  if (isNbdUri(path)) {
+    // nbd://, nbds://, nbd+unix://, nbds+unix://: the export's bytes, probed
+    // like a file (as qemu-img does), so a qcow2/VHD/VMDK file served as it
+    // is on disk (nbdkit file, qemu-nbd -f raw) opens as that format. The
+    // client is loaded on demand.
+    const { openNbd } = await import('../nbd/client-device.js');
+    export_ = await openNbd(path, { readOnly });
+    if (format === 'raw') return export_;
+    file = deviceAsFile(export_, path);
+  } else {
+    file = await HostFile.open(path, readOnly);
+    if (options.cache === 'unsafe') file.unsafe = true;
+  }
   try {
     const driver = format !== undefined ? driverByName(format, path) : probeFormat(await probeInput(file));
+    // Raw bytes of an export: the NBD device itself (its block status and request limits).
+    if (export_ !== null && driver === rawFormat) return export_;
     const ctx: OpenContext = {
       path,
       readOnly,
@@ -161,13 +177,6 @@ async function openInChain(path: string, format: string | undefined, options: Op
 
 /** Open an image file (or raw file) as a block device, with its backing chain. */
 export async function openImage(path: string, options: OpenOptions = {}): Promise<BlockDevice> {
-  if (isNbdUri(path)) {
-    // nbd://, nbds://, nbd+unix://, nbds+unix://: a remote export (loaded on demand).
-    const { openNbd } = await import('../nbd/client-device.js');
-    const o: { readOnly: boolean; format?: string } = { readOnly: options.readOnly ?? true };
-    if (options.format !== undefined) o.format = options.format;
-    return openNbd(path, o);
-  }
   const chain = await enterChain({ depth: 0, seen: [] }, path);
   return openInChain(path, options.format, options, chain);
 }
