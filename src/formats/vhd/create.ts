@@ -6,7 +6,6 @@
  * its file name (UTF-16BE) and two parent locators, W2ku (absolute path) and
  * W2ru (relative to the child), both UTF-16LE.
  */
-import { randomUUID } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { basename, dirname, relative, resolve } from 'node:path';
 import { BlockError, fromSystemError } from '../../block/errors.js';
@@ -190,7 +189,7 @@ export async function createVhd(path: string, o: VhdCreateOptions): Promise<{ si
     throw new BlockError('invalid-argument', `block_size must be a power of two from 4 KiB to 256 MiB, not ${blockSize}`);
   }
   const timestamp = o.timestamp ?? vhdNow();
-  const uniqueId = o.uniqueId ?? Buffer.from(randomUUID().replace(/-/g, ''), 'hex');
+  const uniqueId = o.uniqueId ?? Buffer.from(globalThis.crypto.randomUUID().replace(/-/g, ''), 'hex');
   let sizing: VhdSizing;
   let originalSize: bigint;
   let currentSize: bigint;

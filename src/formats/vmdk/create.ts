@@ -11,7 +11,6 @@
  * - monolithicFlat / twoGbMaxExtentFlat: a text descriptor and sparse raw
  *   files `NAME-flat.vmdk` or `NAME-f001.vmdk`...
  */
-import { randomInt } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { basename, extname } from 'node:path';
 import { BlockError, fromSystemError } from '../../block/errors.js';
@@ -47,7 +46,8 @@ export const EMBEDDED_DESCRIPTOR_SECTORS = 20;
 export const SPLIT_EXTENT_SECTORS = 4_194_304;
 
 export function randomCid(): number {
-  return randomInt(0, 0x1_0000_0000);
+  // The Web Crypto global, not node:crypto: that module would load at every startup.
+  return globalThis.crypto.getRandomValues(new Uint32Array(1))[0] as number;
 }
 
 const hex = (n: number): string => (n >>> 0).toString(16);
