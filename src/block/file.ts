@@ -4,6 +4,7 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { BlockError, fromSystemError } from './errors.js';
+import { hostSeek } from './seek.js';
 
 /** Host memory page size assumed for alignment (x86-64 and most arm64 kernels). */
 export const PAGE_SIZE = 4096;
@@ -82,6 +83,42 @@ export class HostFile {
       await fh.close();
       throw fromSystemError(e, path, 'open');
     }
+  }
+
+  /**
+   * The data runs of [offset, offset + length) as the file system stores
+   * them (SEEK_DATA/SEEK_HOLE), holes between them; null when that cannot be
+   * known (no native helper, not a plain file, a file system without
+   * SEEK_DATA): then treat it all as data. Offsets past the end are holes.
+   */
+  dataRuns(offset: number, length: number): Array<{ offset: number; length: number; data: boolean }> | null {
+    const fd = (this.fh as { fd?: unknown }).fd;
+    if (hostSeek === null || typeof fd !== 'number') return null;
+    const end = offset + length;
+    const runs: Array<{ offset: number; length: number; data: boolean }> = [];
+    const push = (o: number, e: number, data: boolean): void => {
+      if (e <= o) return;
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.data === data && last.offset + last.length === o) last.length += e - o;
+      else runs.push({ offset: o, length: e - o, data });
+    };
+    let pos = offset;
+    // Bounded: each round moves pos forward; a pathological file of many tiny extents is capped.
+    for (let rounds = 0; pos < end && rounds < 4096; rounds++) {
+      const d = hostSeek.seekData(fd, pos);
+      if (d < -1) return runs.length === 0 ? null : (push(pos, end, true), runs);
+      if (d === -1 || d >= end) {
+        push(pos, end, false);
+        return runs;
+      }
+      push(pos, d, false);
+      const h = hostSeek.seekHole(fd, d);
+      const he = h < 0 ? end : Math.min(h, end);
+      push(d, he, true);
+      pos = he;
+    }
+    if (pos < end) push(pos, end, true);
+    return runs;
   }
 
   /** File size in bytes, as of open or the last write/truncate through this handle. */

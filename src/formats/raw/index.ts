@@ -30,9 +30,24 @@ export class RawDriver implements Driver {
     return this.file.sync();
   }
 
-  /** Node has no SEEK_HOLE, so a raw file reports all data (like qemu without lseek support). */
+  /**
+   * Holes of the host file read as zeros and are reported as such (qemu's
+   * file driver: present, zero, no data, with their offset), found with
+   * SEEK_DATA/SEEK_HOLE. Without the native helper (block/seek.ts) all data.
+   */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, zero: false, hole: false, allocated: true, depth: 0, hostOffset: offset, file: this.path }];
+    const runs = this.file.dataRuns(offset, length);
+    if (runs === null) return [{ offset, length, zero: false, hole: false, allocated: true, depth: 0, hostOffset: offset, file: this.path }];
+    return runs.map((r) => ({
+      offset: r.offset,
+      length: r.length,
+      zero: !r.data,
+      hole: !r.data,
+      allocated: true,
+      depth: 0,
+      hostOffset: r.offset,
+      file: this.path,
+    }));
   }
 
   async info(): Promise<{ 'virtual-size': number; filename: string; format: string; 'actual-size': number }> {
