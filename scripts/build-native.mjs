@@ -34,7 +34,9 @@ if (include === undefined) {
 mkdirSync(dirname(out), { recursive: true });
 for (const cc of [process.env.CC, 'cc', 'gcc', 'clang'].filter(Boolean)) {
   try {
-    execFileSync(cc, ['-O2', '-shared', '-fPIC', '-Wall', '-I', include, '-o', out, join(root, 'native', 'seek.c')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    execFileSync(cc, ['-O2', '-shared', '-fPIC', '-Wall', '-I', include, '-o', out, join(root, 'native', 'seek.c')], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     process.exit(0);
   } catch {
     // next compiler
