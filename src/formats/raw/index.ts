@@ -37,7 +37,8 @@ export class RawDriver implements Driver {
    */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const runs = this.file.dataRuns(offset, length);
-    if (runs === null) return [{ offset, length, zero: false, hole: false, allocated: true, depth: 0, hostOffset: offset, file: this.path }];
+    if (runs === null)
+      return [{ offset, length, zero: false, hole: false, allocated: true, depth: 0, hostOffset: offset, file: this.path }];
     return runs.map((r) => ({
       offset: r.offset,
       length: r.length,
