@@ -122,6 +122,7 @@ export class Transmission {
     this.dev = session.export.device;
     this.extended = session.mode === 'extended';
     this.structured = session.mode !== 'simple';
+    writer.coalesce = true;
   }
 
   /** Stop taking requests (server shutdown); run() resolves once those in flight have replied. */
