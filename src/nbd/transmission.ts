@@ -82,10 +82,20 @@ export interface TransmissionLimits {
   maxInFlightBytes: number;
 }
 
-export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = { maxInFlightRequests: 64, maxInFlightBytes: 64 << 20 };
+/**
+ * Per connection. nbdcopy keeps 64 requests of 256 KiB in flight on each of
+ * its 4 connections; admitting 32 requests or 8 MiB at a time per connection
+ * was as fast here as 64 / 64 MiB (nbdcopy of the 2 GiB qcow2 over a Unix
+ * socket: 1.47 vs 1.46 s) and cut the server's peak RSS from 118 to 93 MiB.
+ * (qemu-nbd admits 16 requests per connection.)
+ */
+export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = { maxInFlightRequests: 32, maxInFlightBytes: 8 << 20 };
 
 /** How the connection ended. */
 export type TransmissionEnd = 'disc' | 'closed' | 'protocol-error' | 'stopped';
+
+/** Write payloads from this size on are read into pooled buffers (the pool's smallest class). */
+const POOLED_PAYLOAD = 64 << 10;
 
 /** Block status answers examine at most this many device extents per request. */
 const MAX_STATUS_EXTENTS = 16384;
@@ -151,9 +161,18 @@ export class Transmission {
         if (payloadLen > MAX_PAYLOAD) {
           throw new BlockError('protocol', `${cmdName(req.type)} with a payload of ${payloadLen} bytes (at most ${MAX_PAYLOAD})`);
         }
-        const payload = payloadLen > 0 ? await this.reader.read(payloadLen) : null;
+        let payload: Buffer | null = null;
+        let held: Buffer | null = null;
+        if (payloadLen >= POOLED_PAYLOAD) {
+          // Large payloads span several socket chunks: copy them once into a
+          // reused buffer instead of a fresh one per request (GC was a tenth
+          // of the server's time under nbdcopy writes).
+          held = this.pool.get(payloadLen);
+          payload = held.subarray(0, payloadLen);
+          await this.reader.readInto(payload);
+        } else if (payloadLen > 0) payload = await this.reader.read(payloadLen);
         const cost = payloadLen + (req.type === Cmd.READ ? Math.min(Number(req.length), MAX_PAYLOAD) : 0);
-        this.start(req, payload, cost);
+        this.start(req, payload, cost, held);
       }
     } catch (e) {
       if (this.stopping) end = 'stopped';
@@ -179,10 +198,10 @@ export class Transmission {
     return req.length > BigInt(MAX_PAYLOAD) ? Number.POSITIVE_INFINITY : Number(req.length);
   }
 
-  private start(req: Request, payload: Buffer | null, cost: number): void {
+  private start(req: Request, payload: Buffer | null, cost: number, pooled: Buffer | null): void {
     this.inflight++;
     this.inflightBytes += cost;
-    const task = this.handle(req, payload).finally(() => {
+    const task = this.handle(req, payload, pooled).finally(() => {
       this.inflight--;
       this.inflightBytes -= cost;
       this.tasks.delete(task);
@@ -203,9 +222,9 @@ export class Transmission {
     w?.();
   }
 
-  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+  private async handle(req: Request, payload: Buffer | null, pooled: Buffer | null): Promise<void> {
     let out: Uint8Array[];
-    const held: Buffer[] = [];
+    const held: Buffer[] = pooled === null ? [] : [pooled];
     try {
       out = await this.dispatch(this.validate(req, payload), payload, held);
     } catch (e) {
