@@ -246,7 +246,7 @@ async function main(): Promise<number> {
   const cliStart = await startup([RBLOCK, '--version']);
 
   let ok = true;
-  const out: string[] = ['', table(rows), ''];
+  const out: string[] = rows.length > 0 ? ['', table(rows), ''] : [];
   for (const r of rows) {
     if (r.check !== '') out.push(`${r.name}: ${r.check}`);
     if (r.check.includes('DIFFERS')) ok = false;
