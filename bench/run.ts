@@ -11,6 +11,8 @@
  *          (streamOptimized, monolithicSparse) and check of an 8 GiB
  *          allocated qcow2, rblock vs the same qemu-img command: see ops.ts
  *          for the figures' --only names (or `--only ops` for all of them).
+ *   nbd    rblock serve vs qemu-nbd and nbdkit file: nbdcopy reads, fio
+ *          random reads, nbdcopy write into qcow2 (see nbd.ts).
  *
  * Each timed run: output deleted, `sync`, then spawn; tools alternate
  * (A B A B ...), N rounds each (default 5); medians are reported with the
@@ -19,7 +21,7 @@
  * figure).
  *
  * Options: --rounds N, --ops-rounds N (ops figures; default 3, 1 for the
- * zlib-compressing ones), --only read|info|map|ops|<op name> (repeatable), --scratch DIR,
+ * zlib-compressing ones), --only read|info|map|ops|nbd|<op name> (repeatable), --scratch DIR,
  * --json FILE (also write the results as JSON), --rblock PATH (another
  * bin/rblock.js, e.g. a build of an older tree, to compare), --keep-env.
  * Images are cached in $TMPDIR/rblock-bench (or --scratch) and rebuilt when missing.
@@ -34,6 +36,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ensureBigImage, ensureReadImage, type ImageFacts } from './images.js';
+import { benchNbd } from './nbd.js';
 import { benchOps, OPS } from './ops.js';
 import { median, rssMethod, run, sha256File, sync, timedRun, type RunResult } from './measure.js';
 
@@ -66,7 +69,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--ops-rounds') a.opsRounds = Math.max(1, Number(v()));
     else if (k === '--only') {
       const n = v();
-      if (!['read', 'info', 'map', 'ops', ...OPS.map((o) => o.key)].includes(n)) throw new Error(`unknown --only ${n}`);
+      if (!['read', 'info', 'map', 'ops', 'nbd', ...OPS.map((o) => o.key)].includes(n)) throw new Error(`unknown --only ${n}`);
       a.only.add(n);
     } else if (k === '--scratch') a.scratch = v();
     else if (k === '--json') a.json = v();
@@ -231,6 +234,8 @@ async function main(): Promise<number> {
   );
   rows.push(...ops.rows);
   images.push(...ops.images);
+  // NBD servers (issue 4): its own table and checks, see nbd.ts.
+  const nbd = want('nbd') ? await benchNbd({ rblock: RBLOCK, env: ENV, scratch: args.scratch, log }) : null;
   // Context for the figures: what starting node, and the rblock CLI with no work to do, cost on their own.
   const startup = async (args2: string[]): Promise<number> => {
     const xs: number[] = [];
@@ -241,7 +246,7 @@ async function main(): Promise<number> {
   const cliStart = await startup([RBLOCK, '--version']);
 
   let ok = true;
-  const out: string[] = ['', table(rows), ''];
+  const out: string[] = rows.length > 0 ? ['', table(rows), ''] : [];
   for (const r of rows) {
     if (r.check !== '') out.push(`${r.name}: ${r.check}`);
     if (r.check.includes('DIFFERS')) ok = false;
@@ -255,6 +260,10 @@ async function main(): Promise<number> {
       out.push(`${r.name}: rblock peak RSS ${peak.toFixed(1)} MiB ${peak < RSS_LIMIT_MIB ? '<' : 'NOT <'} ${RSS_LIMIT_MIB} MiB`);
       if (peak >= RSS_LIMIT_MIB) ok = false;
     }
+  }
+  if (nbd !== null) {
+    out.push(nbd.text);
+    if (!nbd.ok) ok = false;
   }
   out.push(`startup alone: node -e '' ${secs(nodeStart)}, rblock --version ${secs(cliStart)} (medians)`);
   const l1 = loadavg();
@@ -281,6 +290,7 @@ async function main(): Promise<number> {
         rblockRssKiB: r.rblock.map((x) => x.rssKiB),
         qemuRssKiB: r.qemu.map((x) => x.rssKiB),
       })),
+      nbd: nbd?.json,
     };
     writeFileSync(args.json, JSON.stringify(json, null, 2) + '\n');
   }

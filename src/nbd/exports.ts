@@ -24,7 +24,15 @@ export interface ServedExport {
   readonly description: string;
   readonly device: BlockDevice;
   readonly readOnly: boolean;
-  /** Advertise NBD_FLAG_CAN_MULTI_CONN (read-only exports that several clients may open). */
+  /**
+   * Advertise NBD_FLAG_CAN_MULTI_CONN whenever several clients may connect
+   * (nbd.md transmission flags: a flush or FUA on one connection must cover
+   * writes completed on every connection). Every connection of an export
+   * works on the one device object of this process, so completed writes of
+   * any connection are in that device (its tables and the host file), and
+   * its flush makes all of them durable: the guarantee holds for writable
+   * exports too, as qemu-nbd assumes with --shared > 1.
+   */
   readonly multiConn: boolean;
   /** The device and its backing devices, top first (for qemu:allocation-depth). */
   readonly chain: readonly BlockDevice[];
@@ -78,7 +86,7 @@ export class ExportTable {
         description: e.description ?? '',
         device: e.device,
         readOnly,
-        multiConn: readOnly && maxConnections > 1,
+        multiConn: maxConnections > 1,
         chain: chainOf(e.device),
       };
       this.byName.set(e.name, s);

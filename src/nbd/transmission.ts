@@ -82,10 +82,22 @@ export interface TransmissionLimits {
   maxInFlightBytes: number;
 }
 
-export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = { maxInFlightRequests: 64, maxInFlightBytes: 64 << 20 };
+/**
+ * Per connection. nbdcopy keeps 64 requests of 256 KiB in flight on each of
+ * its 4 connections; admitting 32 requests or 4 MiB at a time per connection
+ * was as fast here as 64 / 64 MiB (nbdcopy of the 2 GiB qcow2 over a Unix
+ * socket: 1.47 vs 1.46 s) and cut the server's peak RSS from 118 to 88-92
+ * MiB (8 MiB: 100 MiB, same speed). qemu-nbd admits 16 requests per
+ * connection. A request larger than the byte bound is still taken when
+ * nothing else is in flight.
+ */
+export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = { maxInFlightRequests: 32, maxInFlightBytes: 4 << 20 };
 
 /** How the connection ended. */
 export type TransmissionEnd = 'disc' | 'closed' | 'protocol-error' | 'stopped';
+
+/** Write payloads from this size on are read into pooled buffers (the pool's smallest class). */
+const POOLED_PAYLOAD = 64 << 10;
 
 /** Block status answers examine at most this many device extents per request. */
 const MAX_STATUS_EXTENTS = 16384;
@@ -122,6 +134,7 @@ export class Transmission {
     this.dev = session.export.device;
     this.extended = session.mode === 'extended';
     this.structured = session.mode !== 'simple';
+    writer.coalesce = true;
   }
 
   /** Stop taking requests (server shutdown); run() resolves once those in flight have replied. */
@@ -150,9 +163,19 @@ export class Transmission {
         if (payloadLen > MAX_PAYLOAD) {
           throw new BlockError('protocol', `${cmdName(req.type)} with a payload of ${payloadLen} bytes (at most ${MAX_PAYLOAD})`);
         }
-        const payload = payloadLen > 0 ? await this.reader.read(payloadLen) : null;
+        let payload: Buffer | null = null;
+        let held: Buffer | null = null;
+        if (payloadLen >= POOLED_PAYLOAD) {
+          // Large payloads span several socket chunks and must be copied out
+          // of them anyway: into a reused buffer, not a fresh one per request
+          // (GC is about a tenth of the server's time under nbdcopy writes,
+          // mostly the socket's own 64 KiB chunks, which this cannot avoid).
+          held = this.pool.get(payloadLen);
+          payload = held.subarray(0, payloadLen);
+          await this.reader.readInto(payload);
+        } else if (payloadLen > 0) payload = await this.reader.read(payloadLen);
         const cost = payloadLen + (req.type === Cmd.READ ? Math.min(Number(req.length), MAX_PAYLOAD) : 0);
-        this.start(req, payload, cost);
+        this.start(req, payload, cost, held);
       }
     } catch (e) {
       if (this.stopping) end = 'stopped';
@@ -178,10 +201,10 @@ export class Transmission {
     return req.length > BigInt(MAX_PAYLOAD) ? Number.POSITIVE_INFINITY : Number(req.length);
   }
 
-  private start(req: Request, payload: Buffer | null, cost: number): void {
+  private start(req: Request, payload: Buffer | null, cost: number, pooled: Buffer | null): void {
     this.inflight++;
     this.inflightBytes += cost;
-    const task = this.handle(req, payload).finally(() => {
+    const task = this.handle(req, payload, pooled).finally(() => {
       this.inflight--;
       this.inflightBytes -= cost;
       this.tasks.delete(task);
@@ -202,9 +225,9 @@ export class Transmission {
     w?.();
   }
 
-  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+  private async handle(req: Request, payload: Buffer | null, pooled: Buffer | null): Promise<void> {
     let out: Uint8Array[];
-    const held: Buffer[] = [];
+    const held: Buffer[] = pooled === null ? [] : [pooled];
     try {
       out = await this.dispatch(this.validate(req, payload), payload, held);
     } catch (e) {

@@ -328,6 +328,40 @@ test('TCP on a free port with several exports: --list names them, each is served
   assert.equal(await stop(served, 'SIGINT'), 0);
 });
 
+test('a writable export served to several clients advertises multi-conn; nbdcopy over 4 connections writes it whole', T, async (t) => {
+  if (!needTools(t, 'qemu-img', 'nbdcopy', 'nbdinfo')) return;
+  using s = scratchDir('rblock-nbd-');
+  // 8 MiB: pseudo-random 192 KiB runs every 1 MiB (so each connection writes some), zeros between.
+  const src = join(s.dir, 'src.raw');
+  const data = Buffer.alloc(8 * MiB);
+  let x = 0x2545f491;
+  for (let run = 0; run < 8; run++) {
+    for (let i = run * MiB + 64 * 1024; i < run * MiB + 256 * 1024; i += 4) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      data.writeInt32LE(x | 0, i);
+    }
+  }
+  writeFileSync(src, data);
+  createQcow2(s.dir, 'dst.qcow2', '8M');
+  const dst = join(s.dir, 'dst.qcow2');
+  const canMulti = (uri: string): number => run('nbdinfo', ['--can', 'multi-conn', uri], { ...RUN_TIMEOUT, check: false }).status;
+
+  // One client at a time (the default): no multi-conn.
+  const single = await serve(t, ['-t', '-f', 'qcow2', '-k', join(s.dir, 'a.sock'), dst]);
+  assert.notEqual(canMulti(single.uri), 0);
+  assert.equal(await stop(single), 0);
+
+  const shared = await serve(t, ['-t', '-e', '4', '-f', 'qcow2', '-k', join(s.dir, 'b.sock'), dst]);
+  assert.equal(canMulti(shared.uri), 0);
+  run('nbdcopy', ['-C', '4', '--flush', src, shared.uri], RUN_TIMEOUT);
+  assert.equal(await stop(shared), 0);
+  const cmp = run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', src, dst], RUN_TIMEOUT);
+  assert.match(cmp.stdout, /Images are identical/);
+  run('qemu-img', ['check', '-f', 'qcow2', dst], RUN_TIMEOUT);
+});
+
 test('serving read-write an image rblock will not write fails with a hint to use -r', T, async (t) => {
   if (!needTools(t, 'qemu-img')) return;
   using s = scratchDir('rblock-nbd-');

@@ -203,16 +203,19 @@ test('meta contexts: full names on SET, namespace wildcards on LIST only', () =>
   assert.deepEqual(matchContexts('nosuch:thing', true), []);
 });
 
-test('transmission flags: read-only vs writable, DF only with structured replies, multi-conn only read-only and shared', () => {
+test('transmission flags: read-only vs writable, DF only with structured replies, multi-conn whenever shared', () => {
   const dev = memoryDevice(4096);
   const rw = new ExportTable([{ name: '', device: dev }], 4).list[0]!;
   const ro = new ExportTable([{ name: '', device: dev, readOnly: true }], 4).list[0]!;
   const ro1 = new ExportTable([{ name: '', device: dev, readOnly: true }], 1).list[0]!;
+  const rw1 = new ExportTable([{ name: '', device: dev }], 1).list[0]!;
   const f = transmissionFlags(rw, 'simple');
   assert.equal(f & TFlag.READ_ONLY, 0);
   assert.equal(f & TFlag.SEND_DF, 0);
   assert.ok(f & TFlag.SEND_WRITE_ZEROES && f & TFlag.SEND_FAST_ZERO && f & TFlag.SEND_TRIM);
-  assert.equal(f & TFlag.CAN_MULTI_CONN, 0);
+  // One device object serves every connection: a flush covers all their writes, so writable exports get multi-conn too.
+  assert.ok(f & TFlag.CAN_MULTI_CONN);
+  assert.equal(transmissionFlags(rw1, 'simple') & TFlag.CAN_MULTI_CONN, 0);
   assert.ok(transmissionFlags(rw, 'structured') & TFlag.SEND_DF);
   const g = transmissionFlags(ro, 'structured');
   assert.ok(g & TFlag.READ_ONLY && g & TFlag.CAN_MULTI_CONN);
