@@ -15,6 +15,7 @@ import { compressCluster } from '../formats/qcow2/compress.js';
 import { Qcow2Layer } from '../formats/qcow2/image.js';
 import { openImage } from '../formats/registry.js';
 import { convertToStreamOptimized } from '../formats/vmdk/stream-writer.js';
+import { allocAligned } from '../block/file.js';
 import { extentsOf } from './map.js';
 import { truncate } from 'node:fs/promises';
 import { readToFile } from './read.js';
@@ -100,12 +101,28 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
   const win = Math.max(cs, Math.floor((o.window ?? 4 << 20) / cs) * cs);
   const stats: ConvertStats = { bytesRead: 0, bytesWritten: 0, zeroBytes: 0, compressedClusters: 0 };
 
+  // Read ahead up to `depth` windows while writing in order: memory is bounded by (depth + 1) * window.
+  const depth = 3;
+  // Window buffers are slices of one page-aligned arena, reused: the kernel copies several times
+  // faster into page-aligned memory, and fresh buffers would page-fault on every window (a
+  // sparse raw source is read whole, holes included, since node has no SEEK_HOLE).
+  const arena = allocAligned((depth + 1) * win);
+  const free: Uint8Array[] = [];
+  for (let i = 0; i <= depth; i++) free.push(arena.subarray(i * win, (i + 1) * win));
+
   const read = async (offset: number): Promise<Window> => {
     const length = Math.min(win, src.size - offset);
     const ext = await extentsOf(src, offset, length);
     if (ext.every((e) => e.zero)) return { offset, length, data: null };
-    const data = new Uint8Array(length);
-    await src.pread(data, offset);
+    const slot = free.pop();
+    if (slot === undefined) throw new Error('convert: window pool exhausted'); // cannot happen: depth + 1 slots
+    const data = slot.subarray(0, length);
+    try {
+      await src.pread(data, offset);
+    } catch (e) {
+      free.push(slot);
+      throw e;
+    }
     stats.bytesRead += length;
     return { offset, length, data };
   };
@@ -163,8 +180,6 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
     }
   };
 
-  // Read ahead up to `depth` windows while writing in order: memory is bounded by depth * window.
-  const depth = 3;
   const pending: Promise<Window>[] = [];
   let next = 0;
   const fill = (): void => {
@@ -180,6 +195,8 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
     const w = await (pending.shift() as Promise<Window>);
     fill();
     await writeWindow(w);
+    // The slot goes back only now: a window's bytes are written (or compressed) before reuse.
+    if (w.data !== null) free.push(arena.subarray(w.data.byteOffset - arena.byteOffset, w.data.byteOffset - arena.byteOffset + win));
     o.onProgress?.(Math.min(w.offset + w.length, src.size), src.size);
   }
   await dst.flush();
