@@ -68,6 +68,12 @@ export interface CompareOptions {
   /** Keep the ranges in the result (default true; false bounds memory with onRange). */
   collectRanges?: boolean;
   onProgress?: (done: number, total: number) => void;
+  /**
+   * Stop at the first difference, as qemu-img compare does (for callers that
+   * need only the verdict and firstMismatch): ranges then hold what was found
+   * up to there.
+   */
+  stopAtFirst?: boolean;
 }
 
 /** Why the images first differ, as qemu-img compare reports it. */
@@ -338,7 +344,9 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, o: CompareOp
   const sectorSizeMismatch = sectorCount(a.size) !== sectorCount(b.size);
   if (strict && sectorSizeMismatch) reason = 'size';
 
-  for await (const w of pairedWindows(a, b, { window: win, total, onRead: (n) => (bytesRead += n) })) {
+  // Strict mode with sizes in different sector counts differs before any read: nothing to walk when stopping at the first.
+  const walk = !(o.stopAtFirst && strict && sectorSizeMismatch);
+  for await (const w of walk ? pairedWindows(a, b, { window: win, total, onRead: (n) => (bytesRead += n) }) : []) {
     forEachSegment(w, (s, e, ea, eb) => {
       const statusDiffers = strict && statusKey(ea) !== statusKey(eb);
       if (statusDiffers) {
@@ -364,6 +372,8 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, o: CompareOp
       }
     });
     o.onProgress?.(w.offset + w.length, total);
+    // Leaving the loop ends the reader (it lets the reads in flight settle first).
+    if (o.stopAtFirst && first !== null) break;
   }
   sink.emit();
   return {
