@@ -99,10 +99,14 @@ function compressOne(chunk: Uint8Array, level: number): Uint8Array | null {
   const m = mod as ZstdModule;
   if (chunk.length > srcCap) {
     // Sized for the largest cluster seen; clusters are at most 2 MiB (spec §2), so this is bounded.
-    src = m._malloc(chunk.length);
+    // Both areas start on a 4 KiB boundary of the (page-aligned) wasm heap, so copies in and out do
+    // not hit 4K aliasing against the batch buffer, which starts mid-page (see zstd-pool.ts).
     dstCap = m._ZSTD_compressBound(chunk.length);
-    dst = m._malloc(dstCap);
-    if (src === 0 || dst === 0) throw new Error('zstd: out of wasm memory');
+    const s = m._malloc(chunk.length + 4096);
+    const d = m._malloc(dstCap + 4096);
+    if (s === 0 || d === 0) throw new Error('zstd: out of wasm memory');
+    src = Math.ceil(s / 4096) * 4096;
+    dst = Math.ceil(d / 4096) * 4096;
     srcCap = chunk.length;
   }
   m.HEAPU8.set(chunk, src);
