@@ -6,7 +6,8 @@
  *
  * compare: `rblock compare --output json` (which lists every differing
  * range) against `qemu-img compare` (which stops at the first difference, so
- * it is also timed on two identical disks, where both read everything).
+ * it is also timed on two identical disks, where both read everything, and
+ * as `rblock compare -q`, which stops at the first difference too).
  * delta: `rblock delta` against qemu's way of making the same overlay
  * (`qemu-img create -b TARGET` then a safe `qemu-img rebase -b BASE`).
  * Runs alternate A and B after a `sync`; medians are quoted.
@@ -131,6 +132,15 @@ async function main(): Promise<void> {
       dir,
       () => shOk(`${node} ${RBLOCK} compare -f raw -F raw --output json base.raw target.raw > /dev/null`),
       () => shOk('qemu-img compare -f raw -F raw base.raw target.raw > /dev/null'),
+    ),
+  );
+  rows.push(
+    await pair(
+      'compare -q, 1% differ (both stop at the first)',
+      runs,
+      dir,
+      () => shOk(`${node} ${RBLOCK} compare -q -f raw -F raw base.raw target.raw`),
+      () => shOk('qemu-img compare -q -f raw -F raw base.raw target.raw'),
     ),
   );
   rows.push(

@@ -78,7 +78,8 @@ async function compareFiles(pathA: string, pathB: string, o: CompareCliOptions):
   };
   await using a = await open(pathA, o.format);
   await using b = await open(pathB, o.secondFormat);
-  return await compareImages(a, b, { strict: o.strict ?? false });
+  // -q prints nothing but the verdict: stop at the first difference, like qemu-img compare.
+  return await compareImages(a, b, { strict: o.strict ?? false, stopAtFirst: o.quiet ?? false });
 }
 
 /** Register `compare` on the program. */

@@ -11,10 +11,11 @@ import { BlockError } from '../block/errors.js';
 import { isZero } from '../block/zero.js';
 import { layerOf } from '../formats/chain.js';
 import { createImage } from '../formats/create.js';
-import { compressCluster } from '../formats/qcow2/compress.js';
+import { compressClusters } from '../formats/qcow2/compress.js';
 import { Qcow2Layer } from '../formats/qcow2/image.js';
 import { openImage } from '../formats/registry.js';
 import { convertToStreamOptimized } from '../formats/vmdk/stream-writer.js';
+import { allocAligned } from '../block/file.js';
 import { extentsOf } from './map.js';
 import { truncate } from 'node:fs/promises';
 import { readToFile } from './read.js';
@@ -52,6 +53,14 @@ interface Window {
   length: number;
   /** null when the whole window reads as zeros (nothing was read). */
   data: Uint8Array | null;
+  /** The arena slot holding data, returned to the pool once the window is written. */
+  slot?: Uint8Array;
+  /** Per cluster: reads as zeros. */
+  zero?: boolean[];
+  /** With compression: per cluster, the compressed bytes (null: store it uncompressed; zero clusters null too). */
+  packed?: (Uint8Array | null)[];
+  /** Gives the buffers holding `packed` back once the window is written. */
+  release?: () => void;
 }
 
 export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptions): Promise<ConvertStats> {
@@ -100,14 +109,57 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
   const win = Math.max(cs, Math.floor((o.window ?? 4 << 20) / cs) * cs);
   const stats: ConvertStats = { bytesRead: 0, bytesWritten: 0, zeroBytes: 0, compressedClusters: 0 };
 
+  // Read ahead up to `depth` windows while writing in order: memory is bounded by (depth + 1) * window.
+  const depth = 3;
+  // Window buffers are slices of one page-aligned arena, reused: the kernel copies several times
+  // faster into page-aligned memory, and fresh buffers would page-fault on every window (a
+  // sparse raw source is read whole, holes included, since node has no SEEK_HOLE).
+  const aligned = allocAligned((depth + 1) * win);
+  // A plain Uint8Array view: Buffer's slice() would not copy, and nothing here needs Buffer methods.
+  const arena = new Uint8Array(aligned.buffer, aligned.byteOffset, aligned.length);
+  const free: Uint8Array[] = [];
+  for (let i = 0; i <= depth; i++) free.push(arena.subarray(i * win, (i + 1) * win));
+
+  const granulesOf = (data: Uint8Array, length: number): boolean[] => {
+    const zero: boolean[] = [];
+    for (let g = 0; g * cs < length; g++) zero.push(isZero(data.subarray(g * cs, Math.min((g + 1) * cs, length))));
+    return zero;
+  };
+
+  // Reading, zero detection and compression of a window all happen ahead of its write, so the
+  // compressors (worker threads, the libuv pool) keep working while earlier windows are written.
   const read = async (offset: number): Promise<Window> => {
     const length = Math.min(win, src.size - offset);
     const ext = await extentsOf(src, offset, length);
     if (ext.every((e) => e.zero)) return { offset, length, data: null };
-    const data = new Uint8Array(length);
-    await src.pread(data, offset);
-    stats.bytesRead += length;
-    return { offset, length, data };
+    const slot = free.pop();
+    if (slot === undefined) throw new Error('convert: window pool exhausted'); // cannot happen: depth + 1 slots
+    const data = slot.subarray(0, length);
+    try {
+      await src.pread(data, offset);
+      stats.bytesRead += length;
+      const zero = granulesOf(data, length);
+      const w: Window = { offset, length, data, slot, zero };
+      if (o.compress && q !== null) {
+        const todo: Uint8Array[] = [];
+        const at: number[] = [];
+        zero.forEach((z, g) => {
+          if (z) return;
+          const chunk = data.subarray(g * cs, Math.min((g + 1) * cs, length));
+          todo.push(chunk.length === cs ? chunk : padded(chunk, cs));
+          at.push(g);
+        });
+        const batch = await compressClusters(compressType, todo);
+        const packed: (Uint8Array | null)[] = zero.map(() => null);
+        at.forEach((g, i) => (packed[g] = batch.out[i] ?? null));
+        w.packed = packed;
+        w.release = batch.release;
+      }
+      return w;
+    } catch (e) {
+      free.push(slot);
+      throw e;
+    }
   };
 
   const writeWindow = async (w: Window): Promise<void> => {
@@ -117,21 +169,13 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
       return;
     }
     const data = w.data;
-    const granules = Math.ceil(w.length / cs);
-    const zero: boolean[] = [];
-    for (let g = 0; g < granules; g++) zero.push(isZero(data.subarray(g * cs, Math.min((g + 1) * cs, w.length))));
-    if (o.compress && q !== null) {
-      const jobs = zero.map((z, g) => {
-        if (z) return Promise.resolve(null);
-        const chunk = data.subarray(g * cs, Math.min((g + 1) * cs, w.length));
-        const whole = chunk.length === cs ? chunk : padded(chunk, cs);
-        return compressCluster(compressType, whole);
-      });
-      const packed = await Promise.all(jobs);
+    const zero = w.zero as boolean[];
+    const granules = zero.length;
+    if (w.packed !== undefined && q !== null) {
       for (let g = 0; g < granules; g++) {
         const at = w.offset + g * cs;
         const len = Math.min(cs, w.length - g * cs);
-        const c = packed[g];
+        const c = w.packed[g];
         if (zero[g]) {
           stats.zeroBytes += len;
           if (writeZeros) await dst.writeZeroes(at, len, { mayTrim: true });
@@ -163,8 +207,6 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
     }
   };
 
-  // Read ahead up to `depth` windows while writing in order: memory is bounded by depth * window.
-  const depth = 3;
   const pending: Promise<Window>[] = [];
   let next = 0;
   const fill = (): void => {
@@ -180,6 +222,9 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
     const w = await (pending.shift() as Promise<Window>);
     fill();
     await writeWindow(w);
+    // The slot goes back only now: a window's bytes are written (or compressed) before reuse.
+    if (w.slot !== undefined) free.push(w.slot);
+    w.release?.();
     o.onProgress?.(Math.min(w.offset + w.length, src.size), src.size);
   }
   await dst.flush();

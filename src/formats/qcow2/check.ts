@@ -286,6 +286,16 @@ class StoredRefcounts {
     return refEntry(b, k % this.perBlock, this.bits);
   }
 
+  /** Refcount of cluster k when its block is the one last used (no await), else -1. */
+  peek(k: number): number {
+    const t = Math.floor(k / this.perBlock);
+    if (t !== this.lastT) return -1;
+    const b = this.lastBlock;
+    if (b === null) return 0;
+    if (b === 'unaligned') return -1;
+    return refEntry(b, k % this.perBlock, this.bits);
+  }
+
   invalidate(): void {
     this.cache.clear();
     this.lastT = -1;
@@ -646,8 +656,51 @@ class CheckPass {
     const offMaskHi = 2 ** (x - 32) - 1;
     const csizeMask = 2 ** (h.clusterBits - 8) - 1;
     let nextContiguous = 0;
+    // Fast path for the common entries of a standard L2 table (no external data file): zero entries
+    // and aligned, in-file data clusters with no flag but COPIED are handled on the bytes, in cluster
+    // units (small integers: no heap numbers while the loop still runs unoptimised, as it does for
+    // most of a one-shot CLI check). Everything else takes the general path below, unchanged.
+    const fast = !h.extendedL2 && !this.hasDataFile;
+    const cb = h.clusterBits;
+    const hiScale = 2 ** (32 - cb);
+    const alignMask = cs - 1;
+    const nb = Math.ceil(this.file.size / cs);
+    const imrt = this.imrt;
+    const max = imrt.max;
+    let nextK = -1;
     for (let i = 0; i < h.l2Entries; i++) {
       const base = i * es;
+      if (fast) {
+        const top = table[base] as number;
+        const b1 = table[base + 1] as number;
+        const b2 = table[base + 2] as number;
+        const b3 = table[base + 3] as number;
+        const b4 = table[base + 4] as number;
+        const b5 = table[base + 5] as number;
+        const b6 = table[base + 6] as number;
+        const b7 = table[base + 7] as number;
+        if ((top | b1 | b2 | b3 | b4 | b5 | b6 | b7) === 0) continue; // unallocated
+        // Not compressed, no reserved bit, no zero flag; the offset cluster-aligned and inside the file.
+        if ((top & 0x7f) === 0 && (b6 & 1) === 0 && b7 === 0) {
+          const low = (b4 << 24) | (b5 << 16) | (b6 << 8);
+          const k = ((b1 << 16) | (b2 << 8) | b3) * hiScale + (low >>> cb);
+          if ((low & alignMask) === 0 && k !== 0 && k < nb) {
+            if (active) {
+              res.allocatedClusters++;
+              // qemu: fragmented when not right after the previous data cluster (tracked in clusters here, in bytes below).
+              if (nextK !== -1 ? k !== nextK : nextContiguous !== 0 && k * cs !== nextContiguous) res.fragmentedClusters++;
+              nextK = k + 1;
+            }
+            const r = imrt.data[k] as number;
+            if (r !== max) imrt.data[k] = r + 1;
+            else this.inc(k * cs, cs); // logs the overflow
+            continue;
+          }
+        }
+        if (nextK !== -1) nextContiguous = nextK * cs;
+        nextK = -1;
+      }
+      // General path: every entry type and every corruption qemu reports.
       let hi = dv.getUint32(base);
       const lo = dv.getUint32(base + 4);
       const bhi = h.extendedL2 ? dv.getUint32(base + 8) : 0;
@@ -821,16 +874,37 @@ class CheckPass {
     let any = false;
     this.highest = 0;
     const P = this.perBlock;
+    const data = imrt.data;
     let block: Uint8Array | null | 'unaligned' = null;
     for (let k = 0; k < imrt.size; k++) {
-      if (k % P === 0 || k === 0) block = await this.stored.block(Math.floor(k / P));
+      if (k % P === 0 || k === 0) {
+        block = await this.stored.block(Math.floor(k / P));
+        // 16-bit refcounts (the default): run through the block on its bytes while stored and
+        // counted agree, without a call per cluster; stop at the first difference.
+        if (this.bits === 16 && block instanceof Uint8Array) {
+          const end = Math.min(imrt.size, k + P);
+          let i = 0;
+          let last = -1;
+          for (; k + i < end; i++) {
+            const st = ((block[2 * i] as number) << 8) | (block[2 * i + 1] as number);
+            if (st !== data[k + i]) break;
+            if (st !== 0) last = k + i;
+          }
+          if (last >= 0) this.highest = last;
+          k += i;
+          if (k >= end) {
+            k--; // the loop's k++ moves to the next block
+            continue;
+          }
+        }
+      }
       if (block === 'unaligned') {
         this.log(`Can't get refcount for cluster ${k}: ${EIO}`);
         res.checkErrors++;
         continue;
       }
       const stored = block === null ? 0 : refEntry(block, k % P, this.bits);
-      const ref = imrt.data[k] as number;
+      const ref = data[k] as number;
       if (stored > 0 || ref > 0) this.highest = k;
       if (stored === ref) continue;
       let fixed: 'leak' | 'corruption' | null = null;
@@ -1021,6 +1095,9 @@ class CheckPass {
     const table = new Uint8Array(this.cs);
     const dv = dataView(table);
     const es = h.l2EntrySize;
+    const fastStd = !h.extendedL2 && !this.hasDataFile;
+    const cb = h.clusterBits;
+    const hiScale = 2 ** (32 - cb);
     for (let i = 0; i < h.l1Size; i++) {
       const hi = l1v.getUint32(i * 8);
       const lo = l1v.getUint32(i * 8 + 4);
@@ -1059,16 +1136,41 @@ class CheckPass {
       }
       let dirty = 0;
       for (let j = 0; j < h.l2Entries; j++) {
+        if (fastStd) {
+          // Byte-level fast path (see checkL2): entries whose COPIED flag agrees with the stored refcount need nothing more.
+          const base = j * es;
+          const top = table[base] as number;
+          if ((top & 0x40) !== 0) continue; // compressed
+          const hiOff = ((table[base + 1] as number) << 16) | ((table[base + 2] as number) << 8) | (table[base + 3] as number);
+          const loOff =
+            ((table[base + 4] as number) << 24) | ((table[base + 5] as number) << 16) | (((table[base + 6] as number) & 0xfe) << 8);
+          if (hiOff === 0 && loOff === 0) continue; // unallocated or plain zero
+          const k = hiOff * hiScale + (loOff >>> cb);
+          let r = this.stored.peek(k);
+          if (r < 0) {
+            try {
+              r = await this.stored.get(k);
+            } catch {
+              continue;
+            }
+          }
+          if ((r === 1) === ((top & 0x80) !== 0)) continue;
+          // A mismatch: the general path below reports (and repairs) it.
+        }
         const ehi = dv.getUint32(j * es);
         const elo = dv.getUint32(j * es + 4);
         const type = this.clusterType(ehi, elo);
         if (type !== 'normal' && type !== 'zero-alloc') continue;
         let r = 1;
         if (!this.hasDataFile) {
-          try {
-            r = await this.stored.get(Math.floor(entryOffset(ehi, elo) / this.cs));
-          } catch {
-            continue;
+          const k = Math.floor(entryOffset(ehi, elo) / this.cs);
+          r = this.stored.peek(k);
+          if (r < 0) {
+            try {
+              r = await this.stored.get(k);
+            } catch {
+              continue;
+            }
           }
         }
         if ((r === 1) !== ((ehi & 0x8000_0000) !== 0)) {

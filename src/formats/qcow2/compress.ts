@@ -11,6 +11,7 @@
 import { constants, deflateRaw, inflateRaw } from 'node:zlib';
 import { promisify } from 'node:util';
 import { BlockError, type ErrorContext } from '../../block/errors.js';
+import type { ZstdBatch } from './zstd-pool.js';
 
 const inflateRawAsync = promisify(inflateRaw);
 
@@ -136,9 +137,25 @@ export async function compressCluster(type: number, data: Uint8Array): Promise<U
   let out: Uint8Array;
   if (type === 0) {
     out = await deflateRawAsync(data, { windowBits: 12, memLevel: 9 });
-  } else {
-    zstdPool ??= import('./zstd-pool.js');
-    out = await (await zstdPool).zstdCompressAsync(data, 3);
+    return out.length < data.length - 1 ? out : null;
   }
-  return out.length < data.length - 1 ? out : null;
+  const b = await compressClusters(type, [data]);
+  const c = b.out[0] ?? null;
+  // A copy: the frame lives in a pooled buffer.
+  const kept = c === null ? null : c.slice();
+  b.release();
+  return kept;
+}
+
+/**
+ * compressCluster over several clusters at once, results in order (null:
+ * store uncompressed): zstd clusters go to the worker pool in one batch per
+ * worker; zlib ones run concurrently in the libuv pool. The compressed bytes
+ * may live in pooled buffers: call release() once they are written.
+ */
+export async function compressClusters(type: number, chunks: Uint8Array[]): Promise<ZstdBatch> {
+  if (type === 0) return { out: await Promise.all(chunks.map((c) => compressCluster(0, c))), release: () => {} };
+  // Level 3: zstd's default, which qemu uses (qcow2_zstd_compress sets no level).
+  zstdPool ??= import('./zstd-pool.js');
+  return (await zstdPool).zstdCompressMany(chunks, 3);
 }
