@@ -136,7 +136,24 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
     if (slot === undefined) throw new Error('convert: window pool exhausted'); // cannot happen: depth + 1 slots
     const data = slot.subarray(0, length);
     try {
-      await src.pread(data, offset);
+      // Only the ranges that can hold data are read; the rest of the window
+      // is zeroed in memory (holes of a sparse raw source, zero clusters).
+      // Few large reads beat many small ones, so this only pays off when
+      // the zero ranges are big: below 64 KiB they are read with the rest.
+      const zeroRuns = ext.filter((e) => e.zero && e.length >= 65536);
+      if (zeroRuns.length === 0) {
+        await src.pread(data, offset);
+      } else {
+        let pos = offset;
+        for (const z of zeroRuns) {
+          const zs = Math.max(z.offset, offset);
+          const ze = Math.min(z.offset + z.length, offset + length);
+          if (zs > pos) await src.pread(data.subarray(pos - offset, zs - offset), pos);
+          data.fill(0, zs - offset, ze - offset);
+          pos = ze;
+        }
+        if (pos < offset + length) await src.pread(data.subarray(pos - offset), pos);
+      }
       stats.bytesRead += length;
       const zero = granulesOf(data, length);
       const w: Window = { offset, length, data, slot, zero };
