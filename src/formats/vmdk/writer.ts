@@ -233,7 +233,7 @@ export class VmdkWriter {
         p = gEnd;
       }
       // 1. the data of the new grains; 2. later (writeBack), the primary table, 3. the redundant one.
-      if (fresh.length > 0) await file.writeAt(joined(fresh), newStart);
+      if (fresh.length > 0) await writeJoined(file, fresh, newStart);
       if (hi >= lo) {
         x.pin(gdi, gt);
         const d = st.dirty.get(gdi);
@@ -297,16 +297,31 @@ async function writeBack(x: SparseExtent, st: SparseState, keep: number): Promis
   }
 }
 
-/** One buffer of the new grains: a view when they are consecutive views of one buffer (a long write), else a copy. */
-function joined(parts: Uint8Array[]): Uint8Array {
-  const first = parts[0] as Uint8Array;
-  let end = first.byteOffset + first.length;
-  for (let i = 1; i < parts.length; i++) {
-    const p = parts[i] as Uint8Array;
-    if (p.buffer !== first.buffer || p.byteOffset !== end) return Buffer.concat(parts);
-    end += p.length;
+/**
+ * Write consecutive buffers at `at`: runs of them that are consecutive views
+ * of one buffer (the whole grains of a long write) go out as that view, not
+ * copied; the writes (a few: a partial grain at each end at most) run
+ * together, as nothing points at the grains yet.
+ */
+async function writeJoined(file: HostFile, parts: Uint8Array[], at: number): Promise<void> {
+  const writes: Promise<void>[] = [];
+  let pos = at;
+  for (let i = 0; i < parts.length;) {
+    const first = parts[i] as Uint8Array;
+    let end = first.byteOffset + first.length;
+    let j = i + 1;
+    while (j < parts.length) {
+      const p = parts[j] as Uint8Array;
+      if (p.buffer !== first.buffer || p.byteOffset !== end) break;
+      end += p.length;
+      j++;
+    }
+    const view = new Uint8Array(first.buffer, first.byteOffset, end - first.byteOffset);
+    writes.push(file.writeAt(view, pos));
+    pos += view.length;
+    i = j;
   }
-  return new Uint8Array(first.buffer, first.byteOffset, end - first.byteOffset);
+  await Promise.all(writes);
 }
 
 function isAllZero(b: Uint8Array): boolean {
