@@ -331,7 +331,7 @@ export class VhdLayer implements Layer {
   }
 
   async close(): Promise<void> {
-    if (this.writer !== null) await this.writer.flush();
+    if (this.writer !== null) await this.writer.close();
     this.sparse?.bat.clear();
     this.sparse?.bitmaps.clear();
     await this.file.close();
