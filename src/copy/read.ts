@@ -247,9 +247,10 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
         throw e;
       }
       // Zero runs inside data also become holes (qemu-img convert does the same, at 4 KiB). A VHD block (2 MiB)
-      // or a sparse grain run is often mostly zeros: writing only its non-zero granules halves the bytes written
-      // for the bench VHD. The granule is ZERO_GRANULE, aligned on the output offset, so every write starts and
-      // ends on a page (a write that ends inside a page-cache folio makes the kernel zero the rest of it).
+      // is often mostly zeros: writing only its non-zero granules cut the bytes written flattening the bench VHD
+      // from 1786 to 1081 MiB (sys time 2-6 s down to 1.2-1.7 s). Granules are aligned on the output offset, so the
+      // writes start and end on pages (a write ending inside a page-cache folio makes the kernel zero the rest
+      // of it: trimming 4 KiB blocks off unaligned ends was measured slower than writing the zeros).
       if (failure !== null) {
         free.push(buf);
         return;
