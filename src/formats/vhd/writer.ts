@@ -76,6 +76,8 @@ export class VhdWriter {
    * allocation or an old footer left.
    */
   private cleanFrom: number;
+  /** Whether this writer has added a block (and so may have left reserved space before the footer). */
+  private allocated = false;
 
   constructor(
     private readonly v: WritableVhd,
@@ -258,7 +260,8 @@ export class VhdWriter {
     if (at < this.cleanFrom && !this.v.differencing) {
       // Space an interrupted allocation may have written (or the old footer): a dynamic block reads
       // every sector of it, so the sectors not written now are written as zeros.
-      data = new Uint8Array(Math.min(header.blockSize, Math.max(0, this.v.size - b * header.blockSize)));
+      const inDisk = Math.min(header.blockSize, this.v.size - b * header.blockSize);
+      data = new Uint8Array(Math.max(inDisk, s0 * SECTOR + sectors.length));
       data.set(sectors, s0 * SECTOR);
       dataAt = at + header.bitmapSize;
     }
@@ -269,18 +272,21 @@ export class VhdWriter {
     bitmaps.put(at, bitmap);
     this.freeOffset = blockEnd;
     this.cleanFrom = Math.max(this.cleanFrom, blockEnd);
+    this.allocated = true;
     if (bat.pendingCount >= MAX_STAGED) await this.commit();
   }
 
   /**
    * At close: the trailing footer comes down to just after the last block
-   * (written there first, then the file cut), so no reserved space is left.
+   * (written there first, then the file cut), so no reserved space is left,
+   * nor any an interrupted allocation left and this writer reused.
    */
   close(): Promise<void> {
     return this.serial(async () => {
       await this.commit();
       const file = this.v.file;
-      if (this.v.sparse === null || file.size <= this.freeOffset + FOOTER_SIZE) return;
+      // Only after allocating: a disk opened and closed without new blocks is left as it was.
+      if (!this.allocated || file.size <= this.freeOffset + FOOTER_SIZE) return;
       await file.writeAt(this.v.footerBytes, this.freeOffset);
       await file.sync();
       await file.truncate(this.freeOffset + FOOTER_SIZE);
