@@ -119,6 +119,14 @@ async function writeFully(out: FileHandle, bufs: Buffer[], pos: number): Promise
  */
 const WRITES_IN_FLIGHT = 2;
 
+/**
+ * Zero detection inside a data chunk, in granules of this size (aligned on
+ * the output offset). qemu-img convert uses 4 KiB; 64 KiB finds nearly as many
+ * holes in the bench disk (1081 MiB of non-zero granules against 1029 MiB, of
+ * 1786 MiB in whole 2 MiB chunks) with far fewer write calls.
+ */
+const ZERO_GRANULE = 64 << 10;
+
 /** Most output chunks merged into one writev (which also stops once it holds a chunk's worth of bytes). */
 const MAX_MERGED_WRITES = 64;
 
@@ -175,12 +183,22 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
       opts.onProgress?.(done, length);
     };
 
-    interface Pending {
+    /** A slot's data runs waiting to be written; the slot frees when the last of them is written. */
+    interface Slot {
       buf: Buffer;
-      /** Output offset and length (from the start of buf). */
+      runs: number;
+    }
+    interface Pending {
+      slot: Slot;
+      /** The bytes to write, a view of slot.buf. */
+      data: Buffer;
+      /** Output offset. */
       pos: number;
       len: number;
     }
+    const release = (s: Slot): void => {
+      if (--s.runs === 0) free.push(s.buf);
+    };
     const queue: Pending[] = [];
     let writing = 0;
     const writeQueued = async (): Promise<void> => {
@@ -196,13 +214,13 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
         try {
           await writeFully(
             out,
-            batch.map((p) => p.buf.subarray(0, p.len)),
+            batch.map((p) => p.data),
             batch[0]!.pos,
           );
         } catch (e) {
           throw fromSystemError(e, outPath, 'write');
         } finally {
-          for (const p of batch) free.push(p.buf);
+          for (const p of batch) release(p.slot);
         }
         progress(end - batch[0]!.pos);
       }
@@ -228,15 +246,38 @@ export async function readToFile(dev: BlockDevice, outPath: string, opts: ReadTo
         free.push(buf);
         throw e;
       }
-      // Zero runs inside data also become holes (qemu-img convert does the same), whole chunks at a time. (Trimming
-      // zero 4 KiB blocks off the ends too was measured slower: the kernel then zeroes the rest of each page-cache
-      // folio it cannot fill, which costs more than copying the zeros.)
-      if (failure !== null || isZero(view)) {
+      // Zero runs inside data also become holes (qemu-img convert does the same, at 4 KiB). A VHD block (2 MiB)
+      // is often mostly zeros: writing only its non-zero granules cut the bytes written flattening the bench VHD
+      // from 1786 to 1081 MiB (sys time 2-6 s down to 1.2-1.7 s). Granules are aligned on the output offset, so the
+      // writes start and end on pages (a write ending inside a page-cache folio makes the kernel zero the rest
+      // of it: trimming 4 KiB blocks off unaligned ends was measured slower than writing the zeros).
+      if (failure !== null) {
         free.push(buf);
-        progress(j.length);
         return;
       }
-      queue.push({ buf, pos: j.offset - offset, len: j.length });
+      const slot: Slot = { buf, runs: 1 };
+      const base = j.offset - offset;
+      let skipped = 0;
+      for (let p = 0; p < j.length;) {
+        const next = Math.min(j.length, (Math.floor((base + p) / ZERO_GRANULE) + 1) * ZERO_GRANULE - base);
+        if (isZero(view.subarray(p, next))) {
+          skipped += next - p;
+          p = next;
+          continue;
+        }
+        // A run of non-zero granules: extend while the next granule has data too.
+        let q = next;
+        while (q < j.length) {
+          const n = Math.min(j.length, q + ZERO_GRANULE);
+          if (isZero(view.subarray(q, n))) break;
+          q = n;
+        }
+        slot.runs++;
+        queue.push({ slot, data: view.subarray(p, q), pos: base + p, len: q - p });
+        p = q;
+      }
+      if (skipped > 0) progress(skipped);
+      release(slot);
       startWriter();
     };
 

@@ -453,3 +453,46 @@ async function baseMem(path: string): Promise<Uint8Array> {
   await using dev = await openImage(path);
   return new Uint8Array(dev.size);
 }
+
+test('vhd crash: a block put where an interrupted allocation wrote shows none of its bytes; close gives reserved space back', async (t) => {
+  if (!ready(t)) return;
+  const p = at('reuse.vhd');
+  await rbOk('create', '-f', 'vpc', p, '64M');
+  const created = statSync(p).size;
+  const script = at('orphan.mjs');
+  // A writer that fills block 0 and exits without flush or close: the block is written, its BAT entry is not.
+  writeFileSync(
+    script,
+    `import { openImage } from ${JSON.stringify(join(REPO, 'dist/src/formats/registry.js'))};
+const dev = await openImage(process.argv[2], { format: 'vpc', readOnly: false });
+await dev.pwrite(new Uint8Array(2 * 1024 * 1024).fill(0xab), 0);
+process.exit(0);
+`,
+  );
+  const r = run(process.execPath, [script, p]);
+  assert.equal(r.status, 0, r.stderr);
+  {
+    await using dev = await openImage(p, { readOnly: false });
+    const head = new Uint8Array(4 * KiB).fill(0xcd);
+    await dev.pwrite(head, 4 * MiB); // block 2, in the orphan's place
+  }
+  await using dev = await openImage(p);
+  const got = new Uint8Array(2 * MiB);
+  await dev.pread(got, 4 * MiB);
+  assert.ok(
+    got.subarray(0, 4 * KiB).every((x) => x === 0xcd),
+    'written bytes',
+  );
+  assert.ok(
+    got.subarray(4 * KiB).every((x) => x === 0),
+    'the rest of the new block reads as zeros',
+  );
+  await dev.pread(got, 0);
+  assert.ok(
+    got.every((x) => x === 0),
+    'the orphaned block is not part of the disk',
+  );
+  assert.equal((await rb('check', p)).code, 0, 'no leak left after close');
+  // One block (bitmap and data) where the trailing footer was, and the footer after it.
+  assert.equal(statSync(p).size, created + 512 + 2 * MiB);
+});

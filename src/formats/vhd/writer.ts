@@ -4,17 +4,21 @@
  * the file. A new block is written so that a process killed (or a machine
  * stopped) at any point leaves a disk that opens with every flushed write:
  *
- * 1. the footer at the new end of the file (the old trailing footer, still
- *    intact, is now an orphan in the middle);
- * 2. the block's sector bitmap (over the old footer) and the written sectors;
+ * 1. when the block would reach the trailing footer: a footer at a new end
+ *    of the file, RESERVE_BLOCKS blocks ahead (the old trailing footer, still
+ *    intact, is now an orphan in the middle; the space between is holes);
+ * 2. the block's sector bitmap (perhaps over the old footer) and the written
+ *    sectors, together;
  * 3. the BAT entry, staged in memory (reads see it at once) and written at
  *    the next flush, after an fdatasync has made the blocks durable (and
  *    every 1024 new blocks, so memory stays bounded). Only then does the
  *    block exist in the file.
  *
  * A kill before step 3 reaches the file leaves orphan blocks: leaked space
- * (never wrong data) that `check` reports and the next allocation reuses,
- * cutting the file after its new footer. The footer copy at offset 0 never
+ * (never wrong data) that `check` reports and the next allocation reuses
+ * (writing a reused block whole, zeros where nothing was written, so no stale
+ * byte shows through its all-ones bitmap). close() moves the footer down to
+ * the last block and cuts the file. The footer copy at offset 0 never
  * changes: nothing in the footer does when a block moves it.
  *
  * Dynamic disks get all-ones bitmaps, as qemu writes them (the rest of a new
@@ -47,6 +51,13 @@ export interface WritableVhd {
 }
 
 const ZERO_CHUNK = 1 << 20;
+/**
+ * New blocks one trailing footer write makes room for: the footer goes this
+ * many blocks past the new one, so only every 16th new block writes one
+ * (each write is a round trip in a convert's chain of them). Space reserved
+ * and unused at a kill is a leak at the end of the file; close() gives it back.
+ */
+const RESERVE_BLOCKS = 16;
 /** New blocks whose BAT entries may wait in memory for the next flush. */
 const MAX_STAGED = 1024;
 let zeroBuf: Uint8Array | null = null;
@@ -57,14 +68,23 @@ function zeros(n: number): Uint8Array {
 
 export class VhdWriter {
   private lock: Promise<void> = Promise.resolve();
-  /** Where the next block goes: the trailing footer's place (after every block and all metadata). */
+  /** Where the next block goes: after every block and all metadata (the trailing footer's place, or before it). */
   private freeOffset: number;
+  /**
+   * From here to the trailing footer the file holds nothing (holes this
+   * writer reserved); before it, unused space may hold what an interrupted
+   * allocation or an old footer left.
+   */
+  private cleanFrom: number;
+  /** Whether this writer has added a block (and so may have left reserved space before the footer). */
+  private allocated = false;
 
   constructor(
     private readonly v: WritableVhd,
     freeOffset: number,
   ) {
     this.freeOffset = freeOffset;
+    this.cleanFrom = v.file.size - FOOTER_SIZE;
   }
 
   /** Where the next new block would be put (for tests and check). */
@@ -225,19 +245,52 @@ export class VhdWriter {
         op: 'write',
       });
     }
-    const footerAt = at + header.bitmapSize + header.blockSize;
-    await file.writeAt(this.v.footerBytes, footerAt);
+    const blockBytes = header.bitmapSize + header.blockSize;
+    const blockEnd = at + blockBytes;
+    if (blockEnd + FOOTER_SIZE > file.size) {
+      // A new trailing footer, RESERVE_BLOCKS blocks ahead: the next blocks go in before it without one.
+      const reserve = Math.max(1, Math.min(RESERVE_BLOCKS, header.maxTableEntries - bat.allocated));
+      await file.writeAt(this.v.footerBytes, at + reserve * blockBytes);
+    }
     const bitmap = new Uint8Array(header.bitmapSize);
     if (this.v.differencing) setSectors(bitmap, s0, sectors.length / SECTOR, true);
     else bitmap.fill(0xff);
-    await file.writeAt(bitmap, at);
-    await file.writeAt(sectors, at + header.bitmapSize + s0 * SECTOR);
+    let data = sectors;
+    let dataAt = at + header.bitmapSize + s0 * SECTOR;
+    if (at < this.cleanFrom && !this.v.differencing) {
+      // Space an interrupted allocation may have written (or the old footer): a dynamic block reads
+      // every sector of it, so the sectors not written now are written as zeros.
+      const inDisk = Math.min(header.blockSize, this.v.size - b * header.blockSize);
+      data = new Uint8Array(Math.max(inDisk, s0 * SECTOR + sectors.length));
+      data.set(sectors, s0 * SECTOR);
+      dataAt = at + header.bitmapSize;
+    }
+    // With a footer after the block, the bitmap (perhaps over the old footer) and the data go out together:
+    // neither counts before the BAT entry does, so their order does not matter.
+    await Promise.all([file.writeAt(bitmap, at), file.writeAt(data, dataAt)]);
     bat.stage(b, at / SECTOR);
     bitmaps.put(at, bitmap);
-    this.freeOffset = footerAt;
-    // The block went into space an interrupted allocation left unused: the new footer is the file's end.
-    if (file.size > footerAt + FOOTER_SIZE) await file.truncate(footerAt + FOOTER_SIZE);
+    this.freeOffset = blockEnd;
+    this.cleanFrom = Math.max(this.cleanFrom, blockEnd);
+    this.allocated = true;
     if (bat.pendingCount >= MAX_STAGED) await this.commit();
+  }
+
+  /**
+   * At close: the trailing footer comes down to just after the last block
+   * (written there first, then the file cut), so no reserved space is left,
+   * nor any an interrupted allocation left and this writer reused.
+   */
+  close(): Promise<void> {
+    return this.serial(async () => {
+      await this.commit();
+      const file = this.v.file;
+      // Only after allocating: a disk opened and closed without new blocks is left as it was.
+      if (!this.allocated || file.size <= this.freeOffset + FOOTER_SIZE) return;
+      await file.writeAt(this.v.footerBytes, this.freeOffset);
+      await file.sync();
+      await file.truncate(this.freeOffset + FOOTER_SIZE);
+    });
   }
 }
 

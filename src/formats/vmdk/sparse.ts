@@ -126,8 +126,30 @@ export class SparseExtent implements VmdkExtent {
     return new SparseExtent(file, o.ownsFile, o.index, o.line, o.start, o.length ?? capBytes, header, footer, geo, gd, damage);
   }
 
+  /**
+   * Grain tables the writer has changed and not yet written back (writer.ts):
+   * lookups see them, and the cache cannot drop them before they are written.
+   */
+  private readonly pinned = new Map<number, Uint32Array>();
+
+  /** Keep table i (changed in memory) until unpin. */
+  pin(i: number, gt: Uint32Array): void {
+    this.pinned.set(i, gt);
+  }
+
+  /** Table i is written back: the cache serves it from now on. */
+  unpin(i: number): void {
+    const gt = this.pinned.get(i);
+    if (gt === undefined) return;
+    this.pinned.delete(i);
+    this.gtCache.delete(i);
+    void this.gtCache.get(i, () => Promise.resolve(gt));
+  }
+
   /** Grain table number `i` of the directory in use, via the bounded cache. */
   gt(i: number): Promise<Uint32Array> {
+    const p = this.pinned.get(i);
+    if (p !== undefined) return Promise.resolve(p);
     return this.gtCache.get(i, async () => {
       const bytes = new Uint8Array(this.geometry.gtes * 4);
       await this.file.readAt(bytes, (this.gd.entries[i] as number) * C.SECTOR);
@@ -219,6 +241,7 @@ export class SparseExtent implements VmdkExtent {
 
   async close(): Promise<void> {
     this.gtCache.clear();
+    this.pinned.clear();
     this.grainCache.clear();
     if (this.ownsFile) await this.file.close();
   }
