@@ -20,3 +20,20 @@ export function isZero(buf: Uint8Array): boolean {
   }
   return true;
 }
+
+/**
+ * True when buf[start, end) is all zeros, without allocating views: the
+ * first bytes are checked in JS (data rarely starts with 16 zero bytes, so
+ * most data granules cost no native call), then a native compare against
+ * the zero buffer.
+ */
+export function isZeroRange(buf: Buffer, start: number, end: number): boolean {
+  const probe = Math.min(end, start + 16);
+  for (let i = start; i < probe; i++) if (buf[i] !== 0) return false;
+  const z = zeroBuffer();
+  for (let off = probe; off < end; off += z.length) {
+    const n = Math.min(z.length, end - off);
+    if (buf.compare(z, 0, n, off, off + n) !== 0) return false;
+  }
+  return true;
+}

@@ -8,7 +8,7 @@
  */
 import type { BlockDevice } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
-import { isZero } from '../block/zero.js';
+import { isZeroRange } from '../block/zero.js';
 import { layerOf } from '../formats/chain.js';
 import { createImage } from '../formats/create.js';
 import { compressClusters } from '../formats/qcow2/compress.js';
@@ -120,9 +120,22 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
   const free: Uint8Array[] = [];
   for (let i = 0; i <= depth; i++) free.push(arena.subarray(i * win, (i + 1) * win));
 
-  const granulesOf = (data: Uint8Array, length: number): boolean[] => {
-    const zero: boolean[] = [];
-    for (let g = 0; g * cs < length; g++) zero.push(isZero(data.subarray(g * cs, Math.min((g + 1) * cs, length))));
+  /**
+   * Which cs-sized granules of a window read as zeros. Granules wholly
+   * inside a known zero range (`zeroRuns`, window-relative) are zero without
+   * looking; the others are scanned (isZeroRange: no view allocated per
+   * granule, most data granules rejected in JS).
+   */
+  const granulesOf = (data: Uint8Array, length: number, zeroRuns: Array<[number, number]>): boolean[] => {
+    const count = Math.ceil(length / cs);
+    const zero = new Array<boolean>(count).fill(false);
+    const known = new Uint8Array(count);
+    for (const [zs, ze] of zeroRuns) {
+      const last = ze === length ? count : Math.floor(ze / cs);
+      for (let g = Math.ceil(zs / cs); g < last; g++) known[g] = 1;
+    }
+    const view = Buffer.from(data.buffer, data.byteOffset, length);
+    for (let g = 0; g < count; g++) zero[g] = known[g] === 1 || isZeroRange(view, g * cs, Math.min((g + 1) * cs, length));
     return zero;
   };
 
@@ -140,22 +153,27 @@ export async function convert(src: BlockDevice, dstPath: string, o: ConvertOptio
       // is zeroed in memory (holes of a sparse raw source, zero clusters).
       // Few large reads beat many small ones, so this only pays off when
       // the zero ranges are big: below 64 KiB they are read with the rest.
-      const zeroRuns = ext.filter((e) => e.zero && e.length >= 65536);
+      // Window-relative [start, end) of the big zero ranges.
+      const zeroRuns: Array<[number, number]> = ext
+        .filter((e) => e.zero && e.length >= 65536)
+        .map((e) => [Math.max(e.offset, offset) - offset, Math.min(e.offset + e.length, offset + length) - offset]);
       if (zeroRuns.length === 0) {
         await src.pread(data, offset);
       } else {
-        let pos = offset;
-        for (const z of zeroRuns) {
-          const zs = Math.max(z.offset, offset);
-          const ze = Math.min(z.offset + z.length, offset + length);
-          if (zs > pos) await src.pread(data.subarray(pos - offset, zs - offset), pos);
-          data.fill(0, zs - offset, ze - offset);
+        let pos = 0;
+        for (const [zs, ze] of zeroRuns) {
+          if (zs > pos) await src.pread(data.subarray(pos, zs), offset + pos);
+          // Only the parts that share a granule with data need zeros in memory: whole zero
+          // granules are never written from the buffer (granulesOf marks them zero unread).
+          const inner = Math.min(ze, Math.ceil(zs / cs) * cs);
+          data.fill(0, zs, inner);
+          if (ze < length) data.fill(0, Math.max(inner, Math.floor(ze / cs) * cs), ze);
           pos = ze;
         }
-        if (pos < offset + length) await src.pread(data.subarray(pos - offset), pos);
+        if (pos < length) await src.pread(data.subarray(pos), offset + pos);
       }
       stats.bytesRead += length;
-      const zero = granulesOf(data, length);
+      const zero = granulesOf(data, length, zeroRuns);
       const w: Window = { offset, length, data, slot, zero };
       if (o.compress && q !== null) {
         const todo: Uint8Array[] = [];
