@@ -106,3 +106,15 @@ export async function sha256File(path: string): Promise<string> {
   for await (const chunk of createReadStream(path, { highWaterMark: 4 << 20 })) h.update(chunk as Buffer);
   return h.digest('hex');
 }
+
+/** Walk argv: on(name, value) for each option, where value() takes the next argument (or throws naming the option). */
+export function eachArg(argv: string[], on: (name: string, value: () => string) => void): void {
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i] as string;
+    on(k, () => {
+      const x = argv[++i];
+      if (x === undefined) throw new Error(`${k} needs a value`);
+      return x;
+    });
+  }
+}

@@ -45,7 +45,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cached, ensureReadImage, finish } from './images.js';
-import { median, run, sha256File, sync } from './measure.js';
+import { eachArg, median, run, sha256File, sync } from './measure.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const MIX_VERSION = 'mix-v1';
@@ -438,13 +438,7 @@ async function main(): Promise<void> {
   let json: string | undefined;
   let rblock = join(ROOT, 'bin', 'rblock.js');
   const kinds = new Set<Kind>();
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i];
-    const v = (): string => {
-      const x = argv[++i];
-      if (x === undefined) throw new Error(`${k} needs a value`);
-      return x;
-    };
+  eachArg(argv, (k, v) => {
     if (k === '--rounds') rounds = Math.max(1, Number(v()));
     else if (k === '--fio-seconds') fioSeconds = Math.max(1, Number(v()));
     else if (k === '--scratch') scratch = v();
@@ -455,7 +449,7 @@ async function main(): Promise<void> {
       if (n !== 'read' && n !== 'fio' && n !== 'write') throw new Error(`unknown --only ${n} (read, fio, write)`);
       kinds.add(n);
     } else throw new Error(`unknown option ${k}`);
-  }
+  });
   const env = { ...process.env };
   delete env['NODE_EXTRA_CA_CERTS'];
   const r = await benchNbd({

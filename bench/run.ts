@@ -38,7 +38,7 @@ import { fileURLToPath } from 'node:url';
 import { ensureBigImage, ensureReadImage, type ImageFacts } from './images.js';
 import { benchNbd } from './nbd.js';
 import { benchOps, OPS } from './ops.js';
-import { median, rssMethod, run, sha256File, sync, timedRun, type RunResult } from './measure.js';
+import { eachArg, median, rssMethod, run, sha256File, sync, timedRun, type RunResult } from './measure.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 let RBLOCK = join(ROOT, 'bin', 'rblock.js');
@@ -58,13 +58,7 @@ interface Args {
 
 function parseArgs(argv: string[]): Args {
   const a: Args = { rounds: 5, only: new Set(), scratch: join(tmpdir(), 'rblock-bench'), keepEnv: false };
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i];
-    const v = (): string => {
-      const x = argv[++i];
-      if (x === undefined) throw new Error(`${k} needs a value`);
-      return x;
-    };
+  eachArg(argv, (k, v) => {
     if (k === '--rounds') a.rounds = Math.max(1, Number(v()));
     else if (k === '--ops-rounds') a.opsRounds = Math.max(1, Number(v()));
     else if (k === '--only') {
@@ -76,7 +70,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--rblock') a.rblock = v();
     else if (k === '--keep-env') a.keepEnv = true;
     else throw new Error(`unknown option ${k}`);
-  }
+  });
   return a;
 }
 
