@@ -19,6 +19,12 @@ export interface BitRun {
 
 export class SectorBitmaps {
   private readonly cache: LruCache<number, Uint8Array>;
+  /**
+   * Bitmaps of existing blocks changed by the writer and not yet written:
+   * pinned here (the cache may drop them) until the next flush writes them,
+   * after the sectors they mark are durable (see writer.ts).
+   */
+  private readonly dirty = new Map<number, Uint8Array>();
 
   constructor(
     private readonly file: HostFile,
@@ -29,6 +35,8 @@ export class SectorBitmaps {
 
   /** The bitmap stored at this file offset (the BAT checked at open that it lies inside the file). */
   get(bitmapOffset: number): Promise<Uint8Array> {
+    const d = this.dirty.get(bitmapOffset);
+    if (d !== undefined) return Promise.resolve(d);
     return this.cache.get(bitmapOffset, async () => {
       const b = new Uint8Array(this.header.bitmapSize);
       await this.file.readExact(b, bitmapOffset, 'sector bitmap');
@@ -42,8 +50,28 @@ export class SectorBitmaps {
     void this.cache.get(bitmapOffset, () => Promise.resolve(bitmap));
   }
 
+  /** Keep a changed bitmap (the same object get() returned) until writeDirty(). */
+  markDirty(bitmapOffset: number, bitmap: Uint8Array): void {
+    this.dirty.set(bitmapOffset, bitmap);
+  }
+
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+
+  /** Write every changed bitmap in place; true when there was one. */
+  async writeDirty(): Promise<boolean> {
+    if (this.dirty.size === 0) return false;
+    const all = [...this.dirty];
+    for (const [at, bitmap] of all) await this.file.writeAt(bitmap, at);
+    for (const [at] of all) this.dirty.delete(at);
+    return true;
+  }
+
+  /** Drop everything cached; changed bitmaps must have been written (writeDirty) first. */
   clear(): void {
     this.cache.clear();
+    this.dirty.clear();
   }
 }
 

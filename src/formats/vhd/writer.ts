@@ -27,7 +27,10 @@
  * partial sector is completed from what the chain reads there (read-modify-
  * write of that one sector), and a write ends on a whole bitmap byte (up to
  * 7 more sectors from the chain; libvhdi misreads a byte with a present run
- * followed by absent sectors). Zero writes and discards never allocate a block
+ * followed by absent sectors). In a block that exists already, the bitmap
+ * change waits in memory for the next flush, which makes the sectors durable
+ * before writing it (a power cut then loses the write, never shows zeros for
+ * the parent's data). Zero writes and discards never allocate a block
  * of a dynamic disk; discard is advisory and changes nothing.
  */
 import { BlockError } from '../../block/errors.js';
@@ -174,13 +177,18 @@ export class VhdWriter {
     return this.serial(() => this.commit());
   }
 
-  /** Blocks durable first, then the BAT entries that make them part of the disk, then those too. */
+  /**
+   * Blocks and sectors durable first, then the bitmap changes and BAT entries that make them
+   * part of the disk, then those too.
+   */
   private async commit(): Promise<void> {
     await this.v.file.sync();
-    const bat = this.v.sparse?.bat;
-    if (bat === undefined || bat.pendingCount === 0) return;
-    await bat.commit();
-    await this.v.file.sync();
+    const sp = this.v.sparse;
+    if (sp === undefined || sp === null) return;
+    const bitmapsWritten = await sp.bitmaps.writeDirty();
+    const batPending = sp.bat.pendingCount > 0;
+    if (batPending) await sp.bat.commit();
+    if (bitmapsWritten || batPending) await this.v.file.sync();
   }
 
   /** Write `data` at guest `pos`, all inside block b. */
@@ -228,9 +236,14 @@ export class VhdWriter {
     const count = sectors.length / SECTOR;
     const runs = bitRuns(bitmap, s0, count);
     if (runs.length !== 1 || runs[0]?.present !== true) {
-      // The data is in place before the bitmap says so.
+      // The bitmap may say so only once the data is durable: a bit set over sectors the disk has
+      // not stored yet would, after a power cut, show what was there (zeros) instead of the
+      // parent's data. So the change is kept in memory (reads see it at once) and written at the
+      // next flush, after an fdatasync, like the BAT entries of new blocks (qemu's qcow2 orders
+      // its L2 updates after the data the same way, at flush time).
       setSectors(bitmap, s0, count, true);
-      await this.v.file.writeAt(bitmap, bitmapOffset);
+      sp.bitmaps.markDirty(bitmapOffset, bitmap);
+      if (sp.bitmaps.dirtyCount >= MAX_STAGED) await this.commit();
     }
   }
 
