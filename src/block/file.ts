@@ -2,6 +2,7 @@
  * Positional I/O on a host file. Format drivers read their metadata and data
  * through this; the raw backend is a thin device over it.
  */
+import { readSync, writeSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { BlockError, fromSystemError } from './errors.js';
 import { hostSeek } from './seek.js';
@@ -145,8 +146,10 @@ export class HostFile {
       const pos = offset + done;
       if (pos >= this.cachedSize) break;
       let n: number;
+      const len = Math.min(want - done, 0x7fff_f000);
       try {
-        ({ bytesRead: n } = await this.fh.read(buf, done, Math.min(want - done, 0x7fff_f000), pos));
+        if (this.syncFd !== null) n = readSync(this.syncFd, buf, done, len, pos);
+        else ({ bytesRead: n } = await this.fh.read(buf, done, len, pos));
       } catch (e) {
         throw fromSystemError(e, this.path, 'read');
       }
@@ -181,7 +184,8 @@ export class HostFile {
       const window = Math.ceil(pos / HUGE_FOLIO) * HUGE_FOLIO;
       const len = window + HUGE_FOLIO <= offset + buf.length ? window + HUGE_FOLIO / 2 - pos : buf.length - done;
       try {
-        ({ bytesWritten: n } = await this.fh.write(buf, done, len, pos));
+        if (this.syncFd !== null) n = writeSync(this.syncFd, buf, done, len, pos);
+        else ({ bytesWritten: n } = await this.fh.write(buf, done, len, pos));
       } catch (e) {
         throw fromSystemError(e, this.path, 'write');
       }
@@ -205,6 +209,22 @@ export class HostFile {
    * Only for files whose contents are worthless after a crash anyway.
    */
   unsafe = false;
+
+  /**
+   * Synchronous reads and writes on the calling thread instead of node's
+   * thread pool, for batch commands (read, convert) where nothing else waits
+   * on the event loop: with the data in the page cache each thread-pool round
+   * trip (a promise, a hand-off, a wake-up) cost more than the copy, measured
+   * on the 2 GiB bench copy at 0.55 s of system time synchronously against
+   * 0.9-1.0 s through the pool. Never for servers: a read that misses the
+   * page cache would stall every client.
+   */
+  useSyncIo(): void {
+    const fd = (this.fh as { fd?: unknown }).fd;
+    if (typeof fd === 'number') this.syncFd = fd;
+  }
+
+  private syncFd: number | null = null;
 
   async sync(): Promise<void> {
     if (this.readOnly || this.unsafe) return;

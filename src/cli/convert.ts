@@ -21,7 +21,8 @@ export interface ConvertCliOptions {
 }
 
 export async function runConvert(srcPath: string, dstPath: string, o: ConvertCliOptions, io: Io): Promise<number> {
-  await using src = await openImage(srcPath, o.format !== undefined ? { format: o.format } : {});
+  // A batch command: synchronous host I/O (HostFile.useSyncIo), nothing else waits on the event loop.
+  await using src = await openImage(srcPath, { syncIo: true, ...(o.format !== undefined ? { format: o.format } : {}) });
   const options: Record<string, string> = {};
   for (const list of o.options ?? []) Object.assign(options, parseOptionList(list));
   let size: number | undefined;
@@ -52,6 +53,7 @@ export async function runConvert(srcPath: string, dstPath: string, o: ConvertCli
     await convert(src, dstPath, {
       format: o.outputFormat,
       options,
+      syncIo: true,
       ...(o.compress ? { compress: true } : {}),
       ...(o.backing !== undefined ? { backing: o.backing } : {}),
       ...(o.backingFormat !== undefined ? { backingFormat: o.backingFormat } : {}),

@@ -14,7 +14,8 @@ export interface ReadOptions {
 }
 
 export async function runRead(image: string, opts: ReadOptions, io: Io): Promise<number> {
-  await using dev = await openImage(image, opts.format !== undefined ? { format: opts.format } : {});
+  // A batch command: synchronous host I/O (HostFile.useSyncIo), nothing else waits on the event loop.
+  await using dev = await openImage(image, { syncIo: true, ...(opts.format !== undefined ? { format: opts.format } : {}) });
   const offset = opts.offset ?? 0;
   if (offset > dev.size) {
     throw new BlockError('out-of-bounds', `${image}: offset ${offset} is beyond the end of the image (${dev.size} bytes)`, { path: image });
@@ -30,7 +31,7 @@ export async function runRead(image: string, opts: ReadOptions, io: Io): Promise
     );
   }
   if (opts.output !== undefined) {
-    await readToFile(dev, opts.output, { offset, length });
+    await readToFile(dev, opts.output, { offset, length, syncIo: true });
   } else if (opts.hexdump) {
     for await (const line of hexdumpLines(dev, offset, length)) await io.out(line + '\n');
   } else {

@@ -36,6 +36,8 @@ export interface OpenOptions {
    * durability is not: use only for an image that is rebuilt after a crash.
    */
   cache?: 'writeback' | 'unsafe';
+  /** Synchronous host file I/O (HostFile.useSyncIo), for batch commands only; backing files too. */
+  syncIo?: boolean;
   /** Default true: tools that only look must not be able to change anything. */
   readOnly?: boolean;
   /**
@@ -152,6 +154,7 @@ async function openInChain(path: string, format: string | undefined, options: Op
   } else {
     file = await HostFile.open(path, readOnly);
     if (options.cache === 'unsafe') file.unsafe = true;
+    if (options.syncIo === true) file.useSyncIo();
   }
   try {
     const driver = format !== undefined ? driverByName(format, path) : probeFormat(await probeInput(file));
@@ -165,7 +168,7 @@ async function openInChain(path: string, format: string | undefined, options: Op
       openBacking: async (bpath, bformat, referrer) => {
         const next = await enterChain(chain, bpath, referrer);
         // Backing files are only read: writes go to the top image.
-        return openInChain(bpath, bformat, { readOnly: true }, next);
+        return openInChain(bpath, bformat, { readOnly: true, ...(options.syncIo === true ? { syncIo: true } : {}) }, next);
       },
     };
     return await driver.open(file, ctx);
