@@ -71,7 +71,8 @@ export async function runCompare(pathA: string, pathB: string, o: CompareCliOpti
 async function compareFiles(pathA: string, pathB: string, o: CompareCliOptions): Promise<CompareResult> {
   const open = async (p: string, format: string | undefined) => {
     try {
-      return await openImage(p, format !== undefined ? { format } : {});
+      // A batch command: synchronous host I/O (HostFile.useSyncIo), nothing else waits on the event loop.
+      return await openImage(p, { syncIo: true, ...(format !== undefined ? { format } : {}) });
     } catch (e) {
       throw new CompareError('open', e);
     }

@@ -18,8 +18,9 @@ export interface DeltaCliOptions {
 }
 
 export async function runDelta(o: DeltaCliOptions, io: Io): Promise<number> {
-  await using base = await openImage(o.base, o.baseFormat !== undefined ? { format: o.baseFormat } : {});
-  await using target = await openImage(o.target, o.targetFormat !== undefined ? { format: o.targetFormat } : {});
+  // A batch command: synchronous host I/O (HostFile.useSyncIo), nothing else waits on the event loop.
+  await using base = await openImage(o.base, { syncIo: true, ...(o.baseFormat !== undefined ? { format: o.baseFormat } : {}) });
+  await using target = await openImage(o.target, { syncIo: true, ...(o.targetFormat !== undefined ? { format: o.targetFormat } : {}) });
   const options: Record<string, string> = {};
   for (const list of o.options ?? []) Object.assign(options, parseOptionList(list));
   const r = await createDelta(base, target, o.output, {
