@@ -17,6 +17,7 @@ import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, rmSync, write
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { prng } from './images.js';
 import { median, run, sync, timedRun, type RunResult } from './measure.js';
 
 const MiB = 1 << 20;
@@ -32,18 +33,6 @@ function parseSize(s: string): number {
   const m = /^(\d+)([KMG]?)$/i.exec(s);
   if (m === null) throw new Error(`bad size ${s}`);
   return Number(m[1]) * ({ '': 1, K: 1024, M: MiB, G: 1024 * MiB }[(m[2] as string).toUpperCase()] as number);
-}
-
-/** mulberry32 */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** base.raw (AES-CTR keystream), target.raw (1% of sectors changed), same.raw (a copy of base). */

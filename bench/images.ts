@@ -23,8 +23,8 @@ const GiB = 1024 * MiB;
 const TiB = 1024 * GiB;
 const CLUSTER = 64 * KiB;
 
-/** mulberry32: small, fast, seeded. */
-function prng(seed: number): () => number {
+/** mulberry32: small, fast, seeded (also used by compare.ts). */
+export function prng(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;
