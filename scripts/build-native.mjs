@@ -1,8 +1,8 @@
-// Builds native/seek.c (lseek with SEEK_DATA/SEEK_HOLE) into
-// dist/native/rblock-seek.node with the machine's C compiler against node's
+// Builds native/hostio.c (lseek with SEEK_DATA/SEEK_HOLE, preadv2 with RWF_NOWAIT) into
+// dist/native/rblock-hostio.node with the machine's C compiler against node's
 // own headers: nothing is downloaded. Optional by design: when there is no
 // compiler or no headers this prints why and exits 0, and rblock falls back
-// to reporting raw files as all data (src/block/seek.ts). CI sets
+// to reporting raw files as all data (src/block/hostio.ts). CI sets
 // RBLOCK_REQUIRE_TOOLS=1, under which a test fails if the helper is missing.
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync } from 'node:fs';
@@ -12,7 +12,7 @@ import process from 'node:process';
 import { URL, fileURLToPath } from 'node:url';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const out = join(root, 'dist', 'native', 'rblock-seek.node');
+const out = join(root, 'dist', 'native', 'rblock-hostio.node');
 
 function nodeIncludeDir() {
   const candidates = [];
@@ -34,7 +34,7 @@ if (include === undefined) {
 mkdirSync(dirname(out), { recursive: true });
 for (const cc of [process.env.CC, 'cc', 'gcc', 'clang'].filter(Boolean)) {
   try {
-    execFileSync(cc, ['-O2', '-shared', '-fPIC', '-Wall', '-I', include, '-o', out, join(root, 'native', 'seek.c')], {
+    execFileSync(cc, ['-O2', '-shared', '-fPIC', '-Wall', '-I', include, '-o', out, join(root, 'native', 'hostio.c')], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
     process.exit(0);
@@ -42,4 +42,4 @@ for (const cc of [process.env.CC, 'cc', 'gcc', 'clang'].filter(Boolean)) {
     // next compiler
   }
 }
-console.warn('rblock: could not compile native/seek.c: raw files will report all data (no SEEK_DATA helper)');
+console.warn('rblock: could not compile native/hostio.c: raw files will report all data (no SEEK_DATA helper)');

@@ -12,6 +12,7 @@
  */
 import type { BlockDevice, Extent } from '../block/device.js';
 import { BlockError, type ErrorKind } from '../block/errors.js';
+import { isZero } from '../block/zero.js';
 import {
   decodeRequest,
   encodeBlockStatusChunk,
@@ -98,6 +99,12 @@ export type TransmissionEnd = 'disc' | 'closed' | 'protocol-error' | 'stopped';
 
 /** Write payloads from this size on are read into pooled buffers (the pool's smallest class). */
 const POOLED_PAYLOAD = 64 << 10;
+
+/**
+ * Structured READs up to this length are read whole, without asking for
+ * block status first (nbdkit's file plugin never does; qemu-nbd always does).
+ */
+const SMALL_READ = 64 << 10;
 
 /** Block status answers examine at most this many device extents per request. */
 const MAX_STATUS_EXTENTS = 16384;
@@ -343,6 +350,15 @@ export class Transmission {
       return [encodeSimpleReply(0, req.cookie), buf];
     }
     const df = (req.flags & CmdFlag.DF) !== 0;
+    if (length <= SMALL_READ) {
+      // Small reads skip block status: reading a hole costs the host little (the
+      // kernel's zeros, a qcow2 memset), asking for it cost more than the read (two
+      // lseek calls a request for a sparse raw file were a quarter of the server's
+      // time under fio 4 KiB random reads). All zeros still go out as one hole chunk.
+      await this.dev.pread(buf, offset);
+      if (!df && isZero(buf)) return [encodeOffsetHole(this.extended, REPLY_FLAG_DONE, req.cookie, req.offset, offset, length)];
+      return [encodeOffsetDataHeader(this.extended, REPLY_FLAG_DONE, req.cookie, req.offset, offset, length), buf];
+    }
     let runs: Array<{ offset: number; length: number; zero: boolean }>;
     if (df || !this.dev.caps.blockStatus) runs = [{ offset, length, zero: false }];
     else runs = mergeRuns(await collectExtents(this.dev, offset, length), (e) => e.zero);

@@ -1,6 +1,6 @@
 /**
  * Holes of sparse raw files (SEEK_DATA/SEEK_HOLE through the native helper
- * native/seek.c): `rblock map` must equal `qemu-img map` byte for byte on a
+ * native/hostio.c): `rblock map` must equal `qemu-img map` byte for byte on a
  * sparse raw file and on a qcow2 whose backing file is that raw file; the
  * NBD server must report the holes in base:allocation like qemu-nbd (nbdinfo
  * --map); without the helper (RBLOCK_NO_NATIVE=1) a raw file is one data
@@ -10,17 +10,17 @@
 import test, { type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import { closeSync, fdatasyncSync, ftruncateSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { hostSeek } from '../../src/block/seek.js';
+import { hostIo } from '../../src/block/hostio.js';
 import { needTools, RBLOCK, rblock, REQUIRE_TOOLS, run, scratchDir, waitForSocket } from '../helpers/tools.js';
 import { pseudoRandom } from '../helpers/rng.js';
 
 const MiB = 1 << 20;
 
 function needSeek(t: TestContext): boolean {
-  if (hostSeek !== null) return true;
-  const msg = 'native SEEK_DATA helper not built (dist/native/rblock-seek.node): see scripts/build-native.mjs';
+  if (hostIo !== null) return true;
+  const msg = 'native SEEK_DATA helper not built (dist/native/rblock-hostio.node): see scripts/build-native.mjs';
   if (REQUIRE_TOOLS) throw new Error(`${msg} (RBLOCK_REQUIRE_TOOLS=1 forbids skipping)`);
   t.skip(msg);
   return false;
@@ -82,4 +82,58 @@ test('rblock serve reports the holes of a raw file like qemu-nbd (nbdinfo --map)
   }
   assert.equal(maps[0], maps[1]);
   assert.match(maps[0] as string, /hole,zero/);
+});
+
+/**
+ * Reads served from the page cache without node's thread pool (preadv2 with
+ * RWF_NOWAIT, HostFile.readCached): bytes as written, the short count at the
+ * end of the file, and after `dd iflag=nocache` has dropped the file's pages
+ * a read that either refuses (-1, EAGAIN) or returns them whole; HostFile's
+ * asynchronous readAt gives the same bytes either way (the thread pool reads
+ * what the page cache does not hold).
+ */
+test('page-cache reads without the thread pool: preadNowait and HostFile.readAt', async (t) => {
+  if (!needSeek(t) || hostIo === null) return;
+  using s = scratchDir();
+  const path = join(s.dir, 'cached.raw');
+  const data = new Uint8Array(pseudoRandom(4 * MiB + 1000, 11));
+  const fd = openSync(path, 'w+');
+  try {
+    writeSync(fd, data, 0, data.length, 0);
+    const buf = new Uint8Array(MiB);
+    assert.equal(hostIo.preadNowait(fd, buf, 3 * MiB), MiB);
+    assert.deepEqual(buf, data.subarray(3 * MiB, 4 * MiB));
+    assert.equal(hostIo.preadNowait(fd, buf, 4 * MiB), 1000, 'short count at the end of the file');
+    assert.deepEqual(buf.subarray(0, 1000), data.subarray(4 * MiB));
+    assert.equal(hostIo.preadNowait(fd, buf, 5 * MiB), 0, 'past the end');
+    assert.throws(() => hostIo!.preadNowait(fd, new Uint16Array(4) as unknown as Uint8Array, 0), TypeError);
+    fdatasyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  // Drop the (now clean) pages: the next reads must go to the disk.
+  await run('dd', [`if=${path}`, 'iflag=nocache', 'count=0', 'status=none']);
+  const { HostFile } = await import('../../src/block/file.js');
+  const f = await HostFile.open(path, true);
+  try {
+    const fdNum = openSync(path, 'r');
+    const probe = new Uint8Array(64 << 10);
+    const n = hostIo.preadNowait(fdNum, probe, 2 * MiB);
+    closeSync(fdNum);
+    assert.ok(n === -1 || n === probe.length, `uncached read: ${n}`);
+    for (const [off, len] of [
+      [0, 4096],
+      [MiB - 100, 300],
+      [2 * MiB, 64 << 10],
+      [4 * MiB - 4096, 4096 + 1000 + 5000],
+    ] as const) {
+      const got = new Uint8Array(len);
+      await f.readAt(got, off);
+      const want = new Uint8Array(len);
+      want.set(data.subarray(off, Math.min(off + len, data.length)));
+      assert.deepEqual(got, want, `readAt(${off}, ${len})`);
+    }
+  } finally {
+    await f.close();
+  }
 });

@@ -33,7 +33,7 @@ export class RawDriver implements Driver {
   /**
    * Holes of the host file read as zeros and are reported as such (qemu's
    * file driver: present, zero, no data, with their offset), found with
-   * SEEK_DATA/SEEK_HOLE. Without the native helper (block/seek.ts) all data.
+   * SEEK_DATA/SEEK_HOLE. Without the native helper (block/hostio.ts) all data.
    */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const runs = this.file.dataRuns(offset, length);

@@ -1,0 +1,39 @@
+/**
+ * Host I/O calls node's fs lacks, from the small native helper
+ * native/hostio.c (built at install by scripts/build-native.mjs):
+ * SEEK_DATA / SEEK_HOLE (lseek(2)) for the holes of sparse host files, and
+ * preadv2(2) with RWF_NOWAIT for reads served from the page cache without a
+ * trip through node's thread pool. When the helper is missing (no compiler at
+ * install) or RBLOCK_NO_NATIVE=1, `hostIo` is null: callers treat the whole
+ * file as data and read through the thread pool, as before.
+ */
+import { createRequire } from 'node:module';
+
+export interface HostIo {
+  /** Offset of the first data byte at or after `offset`; -1: none (ENXIO); below -1: -(2 + errno). */
+  seekData(fd: number, offset: number): number;
+  /** Offset of the first hole at or after `offset` (the file's end counts as one); -1 past the end. */
+  seekHole(fd: number, offset: number): number;
+  /**
+   * Read into buf from offset only as far as the page cache holds it: bytes
+   * read (0 at the end of the file), -1 when none without blocking (EAGAIN),
+   * below -1: -(2 + errno) (EOPNOTSUPP: no RWF_NOWAIT here).
+   */
+  preadNowait(fd: number, buf: Uint8Array, offset: number): number;
+}
+
+function load(): HostIo | null {
+  if (process.env['RBLOCK_NO_NATIVE'] === '1') return null;
+  const require = createRequire(import.meta.url);
+  // From tsc's output (dist/src/block/) or the CLI bundle (dist/bundle/).
+  for (const rel of ['../native/rblock-hostio.node', '../../native/rblock-hostio.node']) {
+    try {
+      return require(new URL(rel, import.meta.url).pathname) as HostIo;
+    } catch {
+      // not at this level
+    }
+  }
+  return null;
+}
+
+export const hostIo: HostIo | null = load();
