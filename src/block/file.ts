@@ -57,6 +57,10 @@ export interface FileBackend {
   close(): Promise<void>;
 }
 
+/** See HostFile.useQuickWrites. */
+const SLOW_WRITE_MS = 5;
+const QUICK_BACKOFF_MS = 1000;
+
 /** Cleared for the process once the kernel refuses RWF_NOWAIT reads; RBLOCK_NO_NOWAIT=1 for A/B measurements. */
 let nowaitReads = process.env['RBLOCK_NO_NOWAIT'] !== '1';
 
@@ -191,6 +195,7 @@ export class HostFile {
       const len = window + HUGE_FOLIO <= offset + buf.length ? window + HUGE_FOLIO / 2 - pos : buf.length - done;
       try {
         if (this.syncFd !== null) n = writeSync(this.syncFd, buf, done, len, pos);
+        else if (this.quickFd !== null && performance.now() >= this.quickPausedUntil) n = this.quickWrite(buf, done, len, pos);
         else ({ bytesWritten: n } = await this.fh.write(buf, done, len, pos));
       } catch (e) {
         throw fromSystemError(e, this.path, 'write');
@@ -231,6 +236,33 @@ export class HostFile {
   }
 
   private syncFd: number | null = null;
+
+  /**
+   * Writes on the calling thread while they are quick, for servers: a
+   * buffered write normally only copies into the page cache, and handing it
+   * to node's thread pool cost more than that (nbdcopy of 1 GiB of data into
+   * a served qcow2: server CPU 3.0 -> 1.9 s, 3.4 -> 2.4 s of wall time; qemu-nbd
+   * took 1.7 s and 3.1 s). A write that takes long (the kernel throttling
+   * writers because too much is dirty, a slow disk) would stall every client,
+   * so after one slow write the next QUICK_BACKOFF_MS of writes go through
+   * the thread pool again. Reads: see readCached.
+   */
+  useQuickWrites(): void {
+    const fd = (this.fh as { fd?: unknown }).fd;
+    if (typeof fd === 'number') this.quickFd = fd;
+  }
+
+  private quickFd: number | null = null;
+  private quickPausedUntil = 0;
+
+  private quickWrite(buf: Uint8Array, done: number, len: number, pos: number): number {
+    const t0 = performance.now();
+    const n = writeSync(this.quickFd as number, buf, done, len, pos);
+    const took = performance.now() - t0;
+    // Slow: longer than a page-cache copy at about 1 GB/s plus a few ms of slack.
+    if (took > SLOW_WRITE_MS + len / 1e6) this.quickPausedUntil = t0 + took + QUICK_BACKOFF_MS;
+    return n;
+  }
 
   /**
    * The part of a read the page cache holds, read at once on this thread

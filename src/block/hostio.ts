@@ -3,7 +3,7 @@
  * native/hostio.c (built at install by scripts/build-native.mjs):
  * SEEK_DATA / SEEK_HOLE (lseek(2)) for the holes of sparse host files, and
  * preadv2(2) with RWF_NOWAIT for reads served from the page cache without a
- * trip through node's thread pool. When the helper is missing (no compiler at
+ * trip through node's thread pool, and dup(2) (see nbd/socket-onread.ts). When the helper is missing (no compiler at
  * install) or RBLOCK_NO_NATIVE=1, `hostIo` is null: callers treat the whole
  * file as data and read through the thread pool, as before.
  */
@@ -20,6 +20,8 @@ export interface HostIo {
    * below -1: -(2 + errno) (EOPNOTSUPP: no RWF_NOWAIT here).
    */
   preadNowait(fd: number, buf: Uint8Array, offset: number): number;
+  /** A close-on-exec duplicate of fd; below -1: -(2 + errno). */
+  dupFd(fd: number): number;
 }
 
 function load(): HostIo | null {

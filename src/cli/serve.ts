@@ -115,14 +115,14 @@ async function openSnapshot(p: ExportPlan, o: ServeOptions): Promise<BlockDevice
     backingFile: resolvePath(p.image),
     ...(o.format !== undefined ? { backingFormat: o.format } : {}),
   });
-  return openImage(overlay, { format: 'qcow2', readOnly: false });
+  return openImage(overlay, { format: 'qcow2', readOnly: false, quickWrites: true });
 }
 
 async function openForServing(p: ExportPlan, o: ServeOptions): Promise<BlockDevice> {
   const readOnly = o.readOnly === true;
   if (o.snapshot === true && !readOnly) return openSnapshot(p, o);
   try {
-    return await openImage(p.image, o.format !== undefined ? { format: o.format, readOnly } : { readOnly });
+    return await openImage(p.image, { ...(o.format !== undefined ? { format: o.format } : {}), readOnly, quickWrites: true });
   } catch (e) {
     if (!readOnly && isBlockError(e, 'not-supported')) {
       throw new BlockError('not-supported', `${e.message} (serve it read-only with -r)`, e.context, e);

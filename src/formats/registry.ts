@@ -38,6 +38,8 @@ export interface OpenOptions {
   cache?: 'writeback' | 'unsafe';
   /** Synchronous host file I/O (HostFile.useSyncIo), for batch commands only; backing files too. */
   syncIo?: boolean;
+  /** Writes on the event loop's thread while they are quick (HostFile.useQuickWrites): for servers. */
+  quickWrites?: boolean;
   /** Default true: tools that only look must not be able to change anything. */
   readOnly?: boolean;
   /**
@@ -155,6 +157,7 @@ async function openInChain(path: string, format: string | undefined, options: Op
     file = await HostFile.open(path, readOnly);
     if (options.cache === 'unsafe') file.unsafe = true;
     if (options.syncIo === true) file.useSyncIo();
+    else if (options.quickWrites === true && !readOnly) file.useQuickWrites();
   }
   try {
     const driver = format !== undefined ? driverByName(format, path) : probeFormat(await probeInput(file));

@@ -44,7 +44,8 @@ import {
   isRepError,
   optName,
 } from './protocol.js';
-import { StreamClosed, StreamReader, StreamWriter } from './stream.js';
+import { onreadOptions } from './socket-onread.js';
+import { StreamClosed, StreamReader, StreamWriter, type BorrowedSource } from './stream.js';
 import { upgradeClient, type ClientTlsOptions } from './tls.js';
 
 export interface NbdClientOptions {
@@ -111,8 +112,9 @@ export class NbdClient {
   private constructor(
     private sock: Socket,
     private readonly opts: NbdClientOptions,
+    source: BorrowedSource | null = null,
   ) {
-    this.reader = new StreamReader(sock, READ_HIGH_WATER);
+    this.reader = new StreamReader(sock, READ_HIGH_WATER, source);
     this.writer = new StreamWriter(sock);
     const t = opts.target;
     this.name =
@@ -131,8 +133,11 @@ export class NbdClient {
   static async connect(opts: NbdClientOptions): Promise<NbdClient> {
     const t = opts.target;
     const where = 'path' in t ? t.path : `${t.host}:${t.port}`;
+    const source: BorrowedSource | null = opts.tls === undefined ? { sink: null, early: [] } : null;
     const sock = await new Promise<Socket>((resolve, reject) => {
-      const s = 'path' in t ? netConnect(t.path) : netConnect(t.port, t.host);
+      // One reused read buffer (socket-onread.ts); a TLS layer reads for itself.
+      const onread = source !== null ? { onread: onreadOptions(source) } : {};
+      const s = 'path' in t ? netConnect({ path: t.path, ...onread }) : netConnect({ port: t.port, host: t.host, ...onread });
       const timer = setTimeout(() => {
         s.destroy();
         reject(new BlockError('io', `cannot connect to ${where}: timed out`, { path: where, op: 'open' }));
@@ -148,7 +153,7 @@ export class NbdClient {
     });
     sock.on('error', () => undefined);
     sock.setNoDelay(true);
-    const c = new NbdClient(sock, opts);
+    const c = new NbdClient(sock, opts, source);
     try {
       await c.handshake();
     } catch (e) {

@@ -17,7 +17,8 @@ import { ExportTable, type NbdExport } from './exports.js';
 import { DEFAULT_HANDSHAKE_LIMITS, HandshakeEnd, handshake, type HandshakeLimits } from './handshake.js';
 import { DEFAULT_PORT } from './protocol.js';
 import { listenOn, removeStaleSocket } from '../util/listen.js';
-import { BufferPool, StreamClosed, StreamReader, StreamWriter } from './stream.js';
+import { reopenWithOnread } from './socket-onread.js';
+import { BufferPool, StreamClosed, StreamReader, StreamWriter, type BorrowedSource } from './stream.js';
 import { upgradeServer, type ServerTls } from './tls.js';
 import { DEFAULT_TRANSMISSION_LIMITS, Transmission, type TransmissionLimits } from './transmission.js';
 
@@ -74,8 +75,9 @@ class Connection {
       transmission: TransmissionLimits;
       pool: BufferPool;
     },
+    source: BorrowedSource | null = null,
   ) {
-    this.reader = new StreamReader(sock);
+    this.reader = new StreamReader(sock, undefined, source);
     this.writer = new StreamWriter(sock);
   }
 
@@ -197,7 +199,8 @@ export class NbdServer {
   /** Listen on TCP (default 127.0.0.1:10809) or a Unix socket (a stale socket file is replaced). */
   async listen(addr: ListenAddress = {}): Promise<BoundAddress> {
     if (this.closingFlag) throw new BlockError('invalid-argument', 'the server is closed');
-    const srv = createServer((s) => this.accept(s));
+    // Paused: nothing is read from a socket before it is served (and maybe re-opened, see serve()).
+    const srv = createServer({ pauseOnConnect: true }, (s) => this.accept(s));
     if ('path' in addr) {
       await removeStaleSocket(addr.path);
       await listenOn(srv, () => srv.listen(addr.path), addr.path);
@@ -232,8 +235,12 @@ export class NbdServer {
     }
   }
 
-  private serve(sock: Socket): void {
-    const c = new Connection(this.nextId++, sock, this, this.connOpts);
+  private serve(accepted: Socket): void {
+    // Without TLS, read through one reused buffer (socket-onread.ts); a TLS layer reads for itself.
+    const re = this.connOpts.tls === undefined ? reopenWithOnread(accepted) : null;
+    const sock = re?.sock ?? accepted;
+    if (re !== null) sock.on('error', () => undefined);
+    const c = new Connection(this.nextId++, sock, this, this.connOpts, re?.source ?? null);
     const done = c
       .run()
       .catch((e: unknown) => this.connOpts.log(`client ${c.id}: ${e instanceof Error ? e.message : String(e)}`))

@@ -22,9 +22,31 @@ export class StreamClosed extends BlockError {
   }
 }
 
+/**
+ * Where a socket opened with node's `onread` option (see socket-onread.ts)
+ * delivers its bytes: a callback that receives node's one reused buffer and
+ * must copy what it keeps before returning. The reader installs `sink`.
+ */
+export interface BorrowedSource {
+  sink: ((n: number, buf: Buffer) => void) | null;
+  /** Bytes that arrived before a reader installed `sink` (copies). */
+  early: Buffer[];
+}
+
 export class StreamReader {
+  /** Owned mode ('data' events): the socket's own chunks, taken without copying. */
   private chunks: Buffer[] = [];
   private head = 0;
+  /**
+   * Borrowed mode (`onread`): received bytes not yet read, copied out of
+   * node's buffer into this one reused store at [sHead, sTail).
+   */
+  private spill: Buffer | null = null;
+  private sHead = 0;
+  private sTail = 0;
+  /** A readInto waiting for bytes: in borrowed mode they are copied straight into it. */
+  private dest: Uint8Array | null = null;
+  private destDone = 0;
   private avail = 0;
   private want = 0;
   private wake: (() => void) | null = null;
@@ -33,8 +55,13 @@ export class StreamReader {
   constructor(
     private readonly sock: Duplex,
     private readonly highWater = 1 << 20,
+    private readonly source: BorrowedSource | null = null,
   ) {
-    sock.on('data', this.onData);
+    if (source !== null) {
+      this.spill = Buffer.allocUnsafe(128 << 10);
+      for (const b of source.early.splice(0)) this.append(b);
+      source.sink = this.onBorrowed;
+    } else sock.on('data', this.onData);
     sock.on('end', this.onEnd);
     sock.on('close', this.onClose);
     sock.on('error', this.onError);
@@ -43,9 +70,45 @@ export class StreamReader {
   private readonly onData = (b: Buffer): void => {
     this.chunks.push(b);
     this.avail += b.length;
+    this.afterInput();
+  };
+
+  private readonly onBorrowed = (n: number, buf: Buffer): void => {
+    let off = 0;
+    const d = this.dest;
+    // Straight into a waiting readInto, only when nothing older is queued (order).
+    if (d !== null && this.avail === 0) {
+      off = Math.min(n, d.length - this.destDone);
+      d.set(buf.subarray(0, off), this.destDone);
+      this.destDone += off;
+    }
+    if (off < n) this.append(buf.subarray(off, n));
+    this.afterInput();
+  };
+
+  private afterInput(): void {
     if (this.avail >= this.highWater && this.avail >= this.want) this.sock.pause();
     this.notify();
-  };
+  }
+
+  /** Keep a copy of borrowed bytes; the store is compacted, or grown, when its end is reached. */
+  private append(b: Buffer): void {
+    let spill = this.spill as Buffer;
+    if (this.sTail + b.length > spill.length) {
+      const live = this.sTail - this.sHead;
+      if (live + b.length > spill.length) {
+        const bigger = Buffer.allocUnsafe(Math.max(spill.length * 2, live + b.length));
+        spill.copy(bigger, 0, this.sHead, this.sTail);
+        this.spill = spill = bigger;
+      } else spill.copyWithin(0, this.sHead, this.sTail);
+      this.sHead = 0;
+      this.sTail = live;
+    }
+    b.copy(spill, this.sTail);
+    this.sTail += b.length;
+    this.avail += b.length;
+  }
+
   private readonly onEnd = (): void => this.finish(new StreamClosed('the peer closed the connection'));
   private readonly onClose = (): void => this.finish(new StreamClosed('the connection is closed'));
   private readonly onError = (e: Error): void => this.finish(new StreamClosed(`connection error: ${e.message}`));
@@ -55,7 +118,8 @@ export class StreamReader {
    * the socket is left paused, and this reader fails any further read.
    */
   detach(): void {
-    this.sock.off('data', this.onData);
+    if (this.source !== null) this.source.sink = null;
+    else this.sock.off('data', this.onData);
     this.sock.off('end', this.onEnd);
     this.sock.off('close', this.onClose);
     this.sock.off('error', this.onError);
@@ -72,8 +136,9 @@ export class StreamReader {
   abort(e: Error): void {
     this.end = e;
     this.chunks = [];
-    this.avail = 0;
     this.head = 0;
+    this.sHead = this.sTail = 0;
+    this.avail = 0;
     this.notify();
   }
 
@@ -90,47 +155,53 @@ export class StreamReader {
     }
   }
 
+  private async waitInput(want: number): Promise<void> {
+    if (this.end !== null) throw this.end;
+    this.want = want;
+    if (this.sock.isPaused()) this.sock.resume();
+    await new Promise<void>((r) => (this.wake = r));
+  }
+
+  private resumeIfLow(): void {
+    this.want = 0;
+    if (this.avail < this.highWater && this.sock.isPaused() && this.end === null) this.sock.resume();
+  }
+
   /** Exactly n bytes, or throw StreamClosed when the stream ends first. */
   async read(n: number): Promise<Buffer> {
-    while (this.avail < n) {
-      if (this.end !== null) throw this.end;
-      this.want = n;
-      if (this.sock.isPaused()) this.sock.resume();
-      await new Promise<void>((r) => (this.wake = r));
+    while (this.avail < n) await this.waitInput(n);
+    let out: Buffer;
+    const first = this.chunks[0];
+    if (n === 0) out = Buffer.alloc(0);
+    else if (first !== undefined && first.length - this.head >= n) {
+      // Owned chunks: a view, no copy.
+      out = first.subarray(this.head, this.head + n);
+      this.consume(n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+      this.copyOut(out, 0);
     }
-    this.want = 0;
-    const out = this.take(n);
-    if (this.avail < this.highWater && this.sock.isPaused() && this.end === null) this.sock.resume();
+    this.resumeIfLow();
     return out;
   }
 
   /**
-   * Fill dest exactly, copying bytes straight out of the socket's chunks as
-   * they arrive (no intermediate buffer: the client's read path).
+   * Fill dest exactly, copying bytes straight out of the socket's buffers as
+   * they arrive (no intermediate buffer: write payloads, the client's reads).
    */
   async readInto(dest: Uint8Array): Promise<void> {
-    let done = 0;
+    let done = this.copyOut(dest, 0);
     while (done < dest.length) {
-      if (this.avail === 0) {
-        if (this.end !== null) throw this.end;
-        this.want = 1;
-        if (this.sock.isPaused()) this.sock.resume();
-        await new Promise<void>((r) => (this.wake = r));
-        continue;
+      this.dest = dest;
+      this.destDone = done;
+      try {
+        await this.waitInput(1);
+      } finally {
+        this.dest = null;
       }
-      const c = this.chunks[0] as Buffer;
-      const k = Math.min(c.length - this.head, dest.length - done);
-      dest.set(c.subarray(this.head, this.head + k), done);
-      done += k;
-      this.head += k;
-      this.avail -= k;
-      if (this.head === c.length) {
-        this.chunks.shift();
-        this.head = 0;
-      }
+      done = this.copyOut(dest, this.destDone);
     }
-    this.want = 0;
-    if (this.avail < this.highWater && this.sock.isPaused() && this.end === null) this.sock.resume();
+    this.resumeIfLow();
   }
 
   /** Read and drop n bytes (an unwanted option or payload), without holding them all. */
@@ -143,34 +214,36 @@ export class StreamReader {
     }
   }
 
-  private take(n: number): Buffer {
-    if (n === 0) return Buffer.alloc(0);
-    const first = this.chunks[0] as Buffer;
-    if (first.length - this.head >= n) {
-      const out = first.subarray(this.head, this.head + n);
-      this.head += n;
-      this.avail -= n;
-      if (this.head === first.length) {
-        this.chunks.shift();
-        this.head = 0;
+  /** Copy queued bytes into dest from `done` on, as many as fit; returns the new fill. */
+  private copyOut(dest: Uint8Array, done: number): number {
+    while (done < dest.length && this.avail > 0) {
+      let k: number;
+      if (this.spill !== null) {
+        k = Math.min(this.sTail - this.sHead, dest.length - done);
+        dest.set(this.spill.subarray(this.sHead, this.sHead + k), done);
+      } else {
+        const c = this.chunks[0] as Buffer;
+        k = Math.min(c.length - this.head, dest.length - done);
+        dest.set(c.subarray(this.head, this.head + k), done);
       }
-      return out;
-    }
-    const out = Buffer.allocUnsafe(n);
-    let done = 0;
-    while (done < n) {
-      const c = this.chunks[0] as Buffer;
-      const k = Math.min(c.length - this.head, n - done);
-      c.copy(out, done, this.head, this.head + k);
+      this.consume(k);
       done += k;
-      this.head += k;
-      if (this.head === c.length) {
-        this.chunks.shift();
-        this.head = 0;
-      }
     }
-    this.avail -= n;
-    return out;
+    return done;
+  }
+
+  private consume(k: number): void {
+    this.avail -= k;
+    if (this.spill !== null) {
+      this.sHead += k;
+      if (this.sHead === this.sTail) this.sHead = this.sTail = 0;
+      return;
+    }
+    this.head += k;
+    if (this.head === (this.chunks[0] as Buffer).length) {
+      this.chunks.shift();
+      this.head = 0;
+    }
   }
 }
 

@@ -1,0 +1,103 @@
+/**
+ * StreamReader over sockets that read into one reused buffer (`onread`,
+ * src/nbd/socket-onread.ts): the bytes a reader hands out, through read()
+ * and readInto() of random sizes, must be exactly the bytes sent in random
+ * pieces, both for a connect()ed socket and for an accepted socket re-opened
+ * from a duplicate descriptor; and the owned ('data' events) path must give
+ * the same.
+ */
+import test from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { connect, createServer, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { hostIo } from '../../src/block/hostio.js';
+import { onreadOptions, reopenWithOnread } from '../../src/nbd/socket-onread.js';
+import { StreamClosed, StreamReader, type BorrowedSource } from '../../src/nbd/stream.js';
+import { pseudoRandom } from '../helpers/rng.js';
+import { REQUIRE_TOOLS, scratchDir } from '../helpers/tools.js';
+
+const TOTAL = 8 << 20;
+
+/** A deterministic sequence of sizes in [1, max]. */
+function sizes(seed: number, max: number): () => number {
+  let x = seed >>> 0;
+  return () => {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    // Mostly small (headers), sometimes large (payloads).
+    return x % 4 === 0 ? 1 + (x % max) : 1 + (x % 64);
+  };
+}
+
+/** Send `data` in random pieces (some write calls with several pieces), then end. */
+async function sendPieces(sock: Socket, data: Buffer, seed: number): Promise<void> {
+  const next = sizes(seed, 300_000);
+  let pos = 0;
+  while (pos < data.length) {
+    const k = Math.min(next(), data.length - pos);
+    if (!sock.write(data.subarray(pos, pos + k))) await new Promise((r) => sock.once('drain', r));
+    pos += k;
+  }
+  sock.end();
+}
+
+/** Read everything through random read()/readInto() calls; the sha256 of what came out. */
+async function drain(reader: StreamReader, total: number, seed: number): Promise<string> {
+  const h = createHash('sha256');
+  const next = sizes(seed, 600_000);
+  let got = 0;
+  let i = 0;
+  while (got < total) {
+    const k = Math.min(next(), total - got);
+    if (i++ % 2 === 0) h.update(await reader.read(k));
+    else {
+      const dest = new Uint8Array(k);
+      await reader.readInto(dest);
+      h.update(dest);
+    }
+    got += k;
+  }
+  await assert.rejects(reader.read(1), StreamClosed);
+  return h.digest('hex');
+}
+
+async function pair(path: string, mode: 'owned' | 'onread-connect' | 'onread-accepted'): Promise<{ reader: StreamReader; sender: Socket }> {
+  const accepted = new Promise<Socket>((resolve) => {
+    const srv = createServer({ pauseOnConnect: mode === 'onread-accepted' }, (s) => {
+      srv.close();
+      resolve(s);
+    });
+    srv.listen(path);
+  });
+  await new Promise((r) => setTimeout(r, 10));
+  if (mode === 'onread-accepted') {
+    const client = connect(path);
+    const re = reopenWithOnread(await accepted);
+    assert.ok(re !== null, 'an accepted socket re-opens with onread when the native helper is there');
+    return { reader: new StreamReader(re.sock, 1 << 20, re.source), sender: client };
+  }
+  const source: BorrowedSource | null = mode === 'owned' ? null : { sink: null, early: [] };
+  const client = connect(source !== null ? { path, onread: onreadOptions(source) } : { path });
+  await new Promise((r) => client.once('connect', r));
+  return { reader: new StreamReader(client, 1 << 20, source), sender: await accepted };
+}
+
+for (const mode of ['owned', 'onread-connect', 'onread-accepted'] as const) {
+  test(`StreamReader (${mode}): random pieces in, random reads out, same bytes`, async (t) => {
+    if (mode === 'onread-accepted' && hostIo === null) {
+      const msg = 'native helper not built (dist/native/rblock-hostio.node)';
+      if (REQUIRE_TOOLS) throw new Error(`${msg} (RBLOCK_REQUIRE_TOOLS=1 forbids skipping)`);
+      t.skip(msg);
+      return;
+    }
+    using s = scratchDir('rblock-stream-');
+    const data = pseudoRandom(TOTAL, 7);
+    const want = createHash('sha256').update(data).digest('hex');
+    for (const seed of [1, 2]) {
+      const { reader, sender } = await pair(join(s.dir, `s${seed}.sock`), mode);
+      const [got] = await Promise.all([drain(reader, TOTAL, seed * 31), sendPieces(sender, data, seed)]);
+      assert.equal(got, want);
+      sender.destroy();
+    }
+  });
+}
