@@ -253,6 +253,11 @@ function isInline(name: string): boolean {
   return INLINE.has(name);
 }
 
+/** Whether `name` is a command (bin/rblock.js keeps a code cache per command). */
+export function isCommand(name: string): boolean {
+  return isInline(name) || Object.hasOwn(LAZY_COMMANDS, name);
+}
+
 /** Run the CLI with these arguments; resolves to the exit code. */
 export async function main(argv: string[], io: Io = processIo): Promise<number> {
   let code = 0;
