@@ -21,7 +21,7 @@ const argv = process.argv.slice(2);
 
 let source;
 try {
-  source = readFileSync(bundle, 'utf8');
+  source = readFileSync(bundle, 'latin1'); // the build makes it ASCII: no UTF-8 decoding
 } catch (e) {
   if (e?.code !== 'ENOENT') throw e;
 }
