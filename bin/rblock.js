@@ -1,12 +1,72 @@
 #!/usr/bin/env node
-// Thin launcher. The CLI is built by `npm ci`/`npm run build` into
-// dist/bundle/ (one file per command: fast startup, see scripts/bundle.mjs);
-// tsc's unbundled output in dist/src/ is the fallback when only tsc ran.
-let cli;
+// Thin launcher. The CLI is built by `npm ci`/`npm run build` into one
+// CommonJS file, dist/bundle/cli.cjs (see scripts/bundle.mjs); tsc's
+// unbundled output in dist/src/ is the fallback when only tsc ran.
+//
+// Startup is most of a short command's time, and compiling the CLI's code
+// was a large part of it. So the bundle is compiled here with node:vm and a
+// V8 code cache, one per command (each caches what that command compiled),
+// kept in dist/cache/ and written after the first run of a command. The
+// cache is an optimisation only: a missing, stale (another build or node) or
+// unwritable one (a read-only install) just means a normal compile.
+import { mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import vm from 'node:vm';
+
+const root = fileURLToPath(new URL('..', import.meta.url));
+const bundle = join(root, 'dist', 'bundle', 'cli.cjs');
+const argv = process.argv.slice(2);
+
+let source;
 try {
-  cli = await import('../dist/bundle/main.js');
+  source = readFileSync(bundle, 'latin1'); // the build makes it ASCII: no UTF-8 decoding
 } catch (e) {
-  if (e?.code !== 'ERR_MODULE_NOT_FOUND' || !String(e.message).includes('dist/bundle/main.js')) throw e;
-  cli = await import('../dist/src/cli/main.js');
+  if (e?.code !== 'ENOENT') throw e;
 }
-process.exitCode = await cli.main(process.argv.slice(2));
+
+if (source === undefined) {
+  const cli = await import('../dist/src/cli/main.js');
+  process.exitCode = await cli.main(argv);
+} else {
+  // The build id on the bundle's first line (V8 checks a cache only against the source's length).
+  const build = /^\/\* rblock-build ([0-9a-f]{16}) \*\//.exec(source)?.[1];
+  // The command word, as main.ts finds it; anything odd gets no cache of its own.
+  const word = argv.find((a) => !a.startsWith('-')) ?? 'none';
+  const command = /^[a-z]{1,16}$/.test(word) ? word : null;
+  const cacheFile = build !== undefined && command !== null ? join(root, 'dist', 'cache', `${command}-${build}.v8`) : null;
+  let cachedData;
+  if (cacheFile !== null) {
+    try {
+      cachedData = readFileSync(cacheFile);
+    } catch {
+      // none yet (or unreadable): compile normally
+    }
+  }
+  const script = new vm.Script(`(function (exports, require, module, __filename, __dirname) {${source}\n})`, {
+    filename: bundle,
+    ...(cachedData !== undefined ? { cachedData } : {}),
+  });
+  const module = { exports: {} };
+  script.runInThisContext()(module.exports, createRequire(bundle), module, bundle, dirname(bundle));
+  const cli = module.exports;
+  process.exitCode = await cli.main(argv);
+  // Cache what this run compiled, for the next run of the same command: only for a real command
+  // (or none: help, version), and only when there was no usable cache.
+  if (cacheFile !== null && (cachedData === undefined || script.cachedDataRejected) && (word === 'none' || cli.isCommand(word))) {
+    const tmp = `${cacheFile}.${process.pid}.tmp`;
+    try {
+      mkdirSync(dirname(cacheFile), { recursive: true });
+      writeFileSync(tmp, script.createCachedData());
+      renameSync(tmp, cacheFile); // atomic: a concurrent run reads the old file or the new one, never half of one
+    } catch {
+      // read-only install, full disk, no directory: run without a cache
+      try {
+        rmSync(tmp, { force: true });
+      } catch {
+        // nothing was written
+      }
+    }
+  }
+}

@@ -253,12 +253,21 @@ function isInline(name: string): boolean {
   return INLINE.has(name);
 }
 
+/** Whether `name` is a command (bin/rblock.js keeps a code cache per command). */
+export function isCommand(name: string): boolean {
+  return isInline(name) || Object.hasOwn(LAZY_COMMANDS, name);
+}
+
 /** Run the CLI with these arguments; resolves to the exit code. */
 export async function main(argv: string[], io: Io = processIo): Promise<number> {
   let code = 0;
   // Only the command being run is loaded; anything else (help, a typo) gets them all.
   const first = argv.find((a) => !a.startsWith('-'));
-  const only = first !== undefined && first in LAZY_COMMANDS ? first : first !== undefined && isInline(first) ? '' : undefined;
+  // `--version` alone needs no command at all (help, on the other hand, lists every command).
+  const versionOnly =
+    first === undefined && argv.some((a) => a === '-V' || a === '--version') && !argv.some((a) => a === '-h' || a === '--help');
+  const only =
+    first !== undefined && first in LAZY_COMMANDS ? first : (first !== undefined && isInline(first)) || versionOnly ? '' : undefined;
   const program = await buildProgram(io, (c) => (code = c), only);
   const debug = argv.includes('--debug');
   if (argv.length === 0) {

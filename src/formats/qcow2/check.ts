@@ -36,6 +36,17 @@ import { dataView } from '../../util/bytes.js';
 import { resolveRelative } from '../chain.js';
 import { openImage } from '../registry.js';
 import { readBitmaps } from './bitmap.js';
+import {
+  NATIVE_LE,
+  SwappedTable,
+  copiedL2,
+  countL2,
+  decodeRefblock,
+  nextNonZero,
+  sameRange,
+  type L2Tally,
+  type NativeRefs,
+} from './check-fast.js';
 import * as C from './constants.js';
 import { readHeader, type Qcow2Header } from './header.js';
 import { Refcounts } from './refcount.js';
@@ -70,6 +81,14 @@ export interface CheckOptions {
   maxMemory?: number;
   /** Called before every write a repair makes; throwing stops the repair there (tests simulate a crash). */
   onWrite?: (offset: number, length: number) => void;
+  /**
+   * Synchronous host I/O (HostFile.useSyncIo) for a one-shot batch check,
+   * as the CLI runs it: the metadata reads are small and mostly in the page
+   * cache, so a thread-pool round trip per read costs more than the read.
+   * Not for a check inside a server (a read that misses the cache would
+   * stall the event loop).
+   */
+  syncIo?: boolean;
 }
 
 export interface CheckOutcome {
@@ -286,6 +305,27 @@ class StoredRefcounts {
     return refEntry(b, k % this.perBlock, this.bits);
   }
 
+  private nativeT = -1;
+  private nativeRefs: NativeRefs | null = null;
+
+  /**
+   * The stored refcounts of block t decoded to native numbers (see
+   * check-fast.ts), or null where there is none (no block, an unusable one,
+   * a width without a native array). Decoded once per block in a row.
+   */
+  async native(t: number): Promise<NativeRefs | null> {
+    if (t === this.nativeT) return this.nativeRefs;
+    const b = await this.block(t);
+    this.nativeT = t;
+    this.nativeRefs = b instanceof Uint8Array ? decodeRefblock(b, this.bits) : null;
+    return this.nativeRefs;
+  }
+
+  /** The block last used by get/peek/block, as its table index (-1: none). */
+  get currentIndex(): number {
+    return this.lastT;
+  }
+
   /** Refcount of cluster k when its block is the one last used (no await), else -1. */
   peek(k: number): number {
     const t = Math.floor(k / this.perBlock);
@@ -299,6 +339,8 @@ class StoredRefcounts {
   invalidate(): void {
     this.cache.clear();
     this.lastT = -1;
+    this.nativeT = -1;
+    this.nativeRefs = null;
   }
 }
 
@@ -381,6 +423,12 @@ class CheckPass {
   /** Writes made while counting (L2 entries zeroed) that still need an fsync. */
   private unsynced = false;
   private readonly tables: TableReader;
+  private swappedTable: SwappedTable | null = null;
+
+  /** The scratch table for the fast loops: one cluster, reused for every L2 table. */
+  private swapped(): SwappedTable {
+    return (this.swappedTable ??= new SwappedTable(this.cs));
+  }
 
   constructor(
     private readonly file: HostFile,
@@ -655,51 +703,19 @@ class CheckPass {
     const x = 62 - (h.clusterBits - 8);
     const offMaskHi = 2 ** (x - 32) - 1;
     const csizeMask = 2 ** (h.clusterBits - 8) - 1;
-    let nextContiguous = 0;
-    // Fast path for the common entries of a standard L2 table (no external data file): zero entries
-    // and aligned, in-file data clusters with no flag but COPIED are handled on the bytes, in cluster
-    // units (small integers: no heap numbers while the loop still runs unoptimised, as it does for
-    // most of a one-shot CLI check). Everything else takes the general path below, unchanged.
-    const fast = !h.extendedL2 && !this.hasDataFile;
-    const cb = h.clusterBits;
-    const hiScale = 2 ** (32 - cb);
-    const alignMask = cs - 1;
+    // The fast loop (check-fast.ts) takes the common entries of a standard L2 table (no external
+    // data file); every other entry takes the general path below, and the fast loop resumes after it.
+    const fast = NATIVE_LE && !h.extendedL2 && !this.hasDataFile;
+    const words = fast ? this.swapped().load(table) : null;
     const nb = Math.ceil(this.file.size / cs);
-    const imrt = this.imrt;
-    const max = imrt.max;
-    let nextK = -1;
-    for (let i = 0; i < h.l2Entries; i++) {
-      const base = i * es;
-      if (fast) {
-        const top = table[base] as number;
-        const b1 = table[base + 1] as number;
-        const b2 = table[base + 2] as number;
-        const b3 = table[base + 3] as number;
-        const b4 = table[base + 4] as number;
-        const b5 = table[base + 5] as number;
-        const b6 = table[base + 6] as number;
-        const b7 = table[base + 7] as number;
-        if ((top | b1 | b2 | b3 | b4 | b5 | b6 | b7) === 0) continue; // unallocated
-        // Not compressed, no reserved bit, no zero flag; the offset cluster-aligned and inside the file.
-        if ((top & 0x7f) === 0 && (b6 & 1) === 0 && b7 === 0) {
-          const low = (b4 << 24) | (b5 << 16) | (b6 << 8);
-          const k = ((b1 << 16) | (b2 << 8) | b3) * hiScale + (low >>> cb);
-          if ((low & alignMask) === 0 && k !== 0 && k < nb) {
-            if (active) {
-              res.allocatedClusters++;
-              // qemu: fragmented when not right after the previous data cluster (tracked in clusters here, in bytes below).
-              if (nextK !== -1 ? k !== nextK : nextContiguous !== 0 && k * cs !== nextContiguous) res.fragmentedClusters++;
-              nextK = k + 1;
-            }
-            const r = imrt.data[k] as number;
-            if (r !== max) imrt.data[k] = r + 1;
-            else this.inc(k * cs, cs); // logs the overflow
-            continue;
-          }
-        }
-        if (nextK !== -1) nextContiguous = nextK * cs;
-        nextK = -1;
+    const tally: L2Tally = { allocated: 0, fragmented: 0, nextContiguous: 0 };
+    const n = h.l2Entries;
+    for (let i = 0; i < n; i++) {
+      if (words !== null) {
+        i = countL2(words, i, n, this.imrt.data, this.imrt.max, nb, h.clusterBits, active, tally);
+        if (i >= n) break;
       }
+      const base = i * es;
       // General path: every entry type and every corruption qemu reports.
       let hi = dv.getUint32(base);
       const lo = dv.getUint32(base + 4);
@@ -774,8 +790,8 @@ class CheckPass {
           }
           if (active) {
             res.allocatedClusters++;
-            if (nextContiguous !== 0 && offset !== nextContiguous) res.fragmentedClusters++;
-            nextContiguous = offset + cs;
+            if (tally.nextContiguous !== 0 && offset !== tally.nextContiguous) res.fragmentedClusters++;
+            tally.nextContiguous = offset + cs;
           }
           if (!this.hasDataFile) this.inc(offset, cs);
           break;
@@ -790,6 +806,8 @@ class CheckPass {
           break;
       }
     }
+    res.allocatedClusters += tally.allocated;
+    res.fragmentedClusters += tally.fragmented;
   }
 
   /** qcow2_check_bitmaps_refcounts */
@@ -827,7 +845,14 @@ class CheckPass {
   /** check_refblocks */
   private checkRefblocks(): void {
     const t0 = this.table;
+    // Zero entries (most of the table) change nothing unless the file has no cluster at all.
+    const words =
+      this.imrt.size > 0 && t0.raw.byteOffset % 4 === 0 ? new Int32Array(t0.raw.buffer, t0.raw.byteOffset, t0.raw.length / 4) : null;
     for (let t = 0; t < t0.entries; t++) {
+      if (words !== null) {
+        t = nextNonZero(words, t, t0.entries);
+        if (t >= t0.entries) break;
+      }
       const off = t0.offset(t);
       if (t0.reserved(t)) {
         this.log(`ERROR refcount table entry ${t} has reserved bits set`);
@@ -876,17 +901,27 @@ class CheckPass {
     const P = this.perBlock;
     const data = imrt.data;
     let block: Uint8Array | null | 'unaligned' = null;
+    // Whether whole blocks were passed over as equal: their highest non-zero entry is found at the end.
+    let skipped = false;
     for (let k = 0; k < imrt.size; k++) {
       if (k % P === 0 || k === 0) {
-        block = await this.stored.block(Math.floor(k / P));
-        // 16-bit refcounts (the default): run through the block on its bytes while stored and
-        // counted agree, without a call per cluster; stop at the first difference.
-        if (this.bits === 16 && block instanceof Uint8Array) {
+        const t = Math.floor(k / P);
+        block = await this.stored.block(t);
+        // Widths 8, 16 and 32: a block whose stored refcounts all equal the counted ones (the
+        // common case) is passed over with one native comparison; otherwise run through it while
+        // they agree, and take the per-cluster path from the first difference on.
+        const refs = block instanceof Uint8Array ? await this.stored.native(t) : null;
+        if (refs !== null) {
           const end = Math.min(imrt.size, k + P);
+          if (sameRange(refs, data as NativeRefs, k, end - k)) {
+            skipped = true;
+            k = end - 1; // the loop's k++ moves to the next block
+            continue;
+          }
           let i = 0;
           let last = -1;
           for (; k + i < end; i++) {
-            const st = ((block[2 * i] as number) << 8) | (block[2 * i + 1] as number);
+            const st = refs[i] as number;
             if (st !== data[k + i]) break;
             if (st !== 0) last = k + i;
           }
@@ -919,6 +954,15 @@ class CheckPass {
       else if (stored < ref) res.corruptions++;
       else res.leaks++;
       if (fixed !== null) any = true;
+    }
+    if (skipped) {
+      // In the blocks passed over stored equals counted: the highest cluster in use there is the highest non-zero count.
+      for (let k = imrt.size - 1; k > this.highest; k--) {
+        if (data[k] !== 0) {
+          this.highest = k;
+          break;
+        }
+      }
     }
     return any;
   }
@@ -1095,9 +1139,9 @@ class CheckPass {
     const table = new Uint8Array(this.cs);
     const dv = dataView(table);
     const es = h.l2EntrySize;
-    const fastStd = !h.extendedL2 && !this.hasDataFile;
+    const fastStd = NATIVE_LE && !h.extendedL2 && !this.hasDataFile;
     const cb = h.clusterBits;
-    const hiScale = 2 ** (32 - cb);
+    const none = new Uint8Array(0);
     for (let i = 0; i < h.l1Size; i++) {
       const hi = l1v.getUint32(i * 8);
       const lo = l1v.getUint32(i * 8 + 4);
@@ -1135,27 +1179,16 @@ class CheckPass {
         throw new CheckFailure(err instanceof Error ? err.message : String(err));
       }
       let dirty = 0;
-      for (let j = 0; j < h.l2Entries; j++) {
-        if (fastStd) {
-          // Byte-level fast path (see checkL2): entries whose COPIED flag agrees with the stored refcount need nothing more.
-          const base = j * es;
-          const top = table[base] as number;
-          if ((top & 0x40) !== 0) continue; // compressed
-          const hiOff = ((table[base + 1] as number) << 16) | ((table[base + 2] as number) << 8) | (table[base + 3] as number);
-          const loOff =
-            ((table[base + 4] as number) << 24) | ((table[base + 5] as number) << 16) | (((table[base + 6] as number) & 0xfe) << 8);
-          if (hiOff === 0 && loOff === 0) continue; // unallocated or plain zero
-          const k = hiOff * hiScale + (loOff >>> cb);
-          let r = this.stored.peek(k);
-          if (r < 0) {
-            try {
-              r = await this.stored.get(k);
-            } catch {
-              continue;
-            }
-          }
-          if ((r === 1) === ((top & 0x80) !== 0)) continue;
-          // A mismatch: the general path below reports (and repairs) it.
+      const words = fastStd ? this.swapped().load(table) : null;
+      const n = h.l2Entries;
+      for (let j = 0; j < n; j++) {
+        if (words !== null) {
+          // The fast loop (check-fast.ts) takes entries whose COPIED flag agrees with a stored
+          // refcount of the block last read; it stops at anything else, handled below.
+          const t = this.stored.currentIndex;
+          const refs = t >= 0 ? await this.stored.native(t) : null;
+          j = copiedL2(words, j, n, refs ?? none, t >= 0 ? t * this.perBlock : 0, cb);
+          if (j >= n) break;
         }
         const ehi = dv.getUint32(j * es);
         const elo = dv.getUint32(j * es + 4);
@@ -1210,8 +1243,9 @@ class CheckPass {
 }
 
 /** Open the image as qemu-img check does: the header, the external data file and the backing chain must open. */
-async function openForCheck(path: string, readOnly: boolean): Promise<{ file: HostFile; header: Qcow2Header }> {
+async function openForCheck(path: string, readOnly: boolean, syncIo: boolean): Promise<{ file: HostFile; header: Qcow2Header }> {
   const file = await HostFile.open(path, readOnly);
+  if (syncIo) file.useSyncIo();
   try {
     const header = await readHeader(file);
     if ((header.incompatible & C.INCOMPAT_DATA_FILE) !== 0n) {
@@ -1227,7 +1261,10 @@ async function openForCheck(path: string, readOnly: boolean): Promise<{ file: Ho
     if (header.backingFile !== null) {
       const bpath = resolveRelative(path, header.backingFile);
       try {
-        const dev = await openImage(bpath, header.backingFormat !== null ? { format: header.backingFormat } : {});
+        const dev = await openImage(bpath, {
+          ...(header.backingFormat !== null ? { format: header.backingFormat } : {}),
+          ...(syncIo ? { syncIo: true } : {}),
+        });
         await dev.close();
       } catch (e) {
         const msg = e instanceof Error ? e.message : String(e);
@@ -1250,9 +1287,10 @@ async function pass(
   fix: RepairMode | null,
   log: (line: string) => void,
   maxMemory: number,
+  syncIo: boolean,
   onWrite?: (offset: number, length: number) => void,
 ): Promise<CheckCounts> {
-  const { file, header } = await openForCheck(path, fix === null);
+  const { file, header } = await openForCheck(path, fix === null, syncIo);
   try {
     return await new CheckPass(file, header, fix, log, maxMemory, onWrite).run();
   } finally {
@@ -1270,10 +1308,11 @@ export async function checkQcow2(path: string, opts: CheckOptions = {}): Promise
   const log = opts.log ?? ((): void => {});
   const maxMemory = opts.maxMemory ?? DEFAULT_MAX_MEMORY;
   const fix = opts.repair ?? null;
+  const syncIo = opts.syncIo === true;
   const wrap = (c: CheckCounts): ImageCheck => ({ filename: path, format: 'qcow2', ...c });
   let first: CheckCounts;
   try {
-    first = await pass(path, fix, log, maxMemory, opts.onWrite);
+    first = await pass(path, fix, log, maxMemory, syncIo, opts.onWrite);
   } catch (e) {
     if (e instanceof CheckFailure) return { check: null, repaired: null, failure: e.message };
     throw e;
@@ -1281,7 +1320,7 @@ export async function checkQcow2(path: string, opts: CheckOptions = {}): Promise
   if (first.corruptionsFixed === 0 && first.leaksFixed === 0) return { check: wrap(first), repaired: null, failure: null };
   const repaired = { leaks: first.leaksFixed, corruptions: first.corruptionsFixed };
   try {
-    const second = await pass(path, null, log, maxMemory);
+    const second = await pass(path, null, log, maxMemory, syncIo);
     second.leaksFixed = first.leaksFixed;
     second.corruptionsFixed = first.corruptionsFixed;
     return { check: wrap(second), repaired, failure: null };
