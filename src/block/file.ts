@@ -105,6 +105,8 @@ export class HostFile {
     const fd = (this.fh as { fd?: unknown }).fd;
     if (hostIo === null || typeof fd !== 'number') return null;
     const end = offset + length;
+    const known = this.knownData;
+    if (known !== null && offset >= known.start && end <= known.end) return [{ offset, length, data: true }];
     const runs: Array<{ offset: number; length: number; data: boolean }> = [];
     const push = (o: number, e: number, data: boolean): void => {
       if (e <= o) return;
@@ -123,6 +125,7 @@ export class HostFile {
       }
       push(pos, d, false);
       const h = hostIo.seekHole(fd, d);
+      if (h > d) this.knownData = { start: d, end: h };
       const he = h < 0 ? end : Math.min(h, end);
       push(d, he, true);
       pos = he;
@@ -130,6 +133,16 @@ export class HostFile {
     if (pos < end) push(pos, end, true);
     return runs;
   }
+
+  /**
+   * The last data run SEEK_HOLE found, whole: later questions inside it need
+   * no syscalls (the NBD server asks before every read of a raw export).
+   * Only data is remembered, never holes: anyone may write into a hole, and
+   * nothing here punches one (truncate forgets the run). A run that another
+   * process has since punched reads as zeros anyway, as qemu's file driver
+   * also accepts for its cached data extent.
+   */
+  private knownData: { start: number; end: number } | null = null;
 
   /** File size in bytes, as of open or the last write/truncate through this handle. */
   get size(): number {
@@ -207,6 +220,7 @@ export class HostFile {
 
   async truncate(size: number): Promise<void> {
     try {
+      this.knownData = null;
       await this.fh.truncate(size);
     } catch (e) {
       throw fromSystemError(e, this.path, 'truncate');

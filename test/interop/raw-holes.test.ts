@@ -137,3 +137,26 @@ test('page-cache reads without the thread pool: preadNowait and HostFile.readAt'
     await f.close();
   }
 });
+
+/** dataRuns remembers the last data run it found (no syscalls inside it) and forgets it on truncate. */
+test('HostFile.dataRuns: a remembered data run, forgotten when the file is truncated', async (t) => {
+  if (!needSeek(t)) return;
+  using s = scratchDir();
+  const path = join(s.dir, 'runs.raw');
+  sparseRaw(path);
+  const { HostFile } = await import('../../src/block/file.js');
+  const f = await HostFile.open(path, false);
+  try {
+    assert.deepEqual(f.dataRuns(10 * MiB - 4096, 8192), [
+      { offset: 10 * MiB - 4096, length: 4096, data: false },
+      { offset: 10 * MiB, length: 4096, data: true },
+    ]);
+    // Inside the run found above (10-13 MiB): answered from memory, the same as the file system's answer.
+    assert.deepEqual(f.dataRuns(11 * MiB, MiB), [{ offset: 11 * MiB, length: MiB, data: true }]);
+    await f.truncate(0);
+    await f.truncate(64 * MiB);
+    assert.deepEqual(f.dataRuns(11 * MiB, MiB), [{ offset: 11 * MiB, length: MiB, data: false }]);
+  } finally {
+    await f.close();
+  }
+});
