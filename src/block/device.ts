@@ -47,6 +47,9 @@ export interface Extent {
   compressed?: boolean;
 }
 
+/** What readNow filled: runs covering the read, those that read as zeros marked (their bytes are zeros too). */
+export type ReadRuns = Array<{ offset: number; length: number; zero: boolean }>;
+
 export interface BlockDevice extends AsyncDisposable {
   readonly size: number;
   readonly caps: Capabilities;
@@ -57,6 +60,14 @@ export interface BlockDevice extends AsyncDisposable {
 
   /** Fill buf entirely from offset, or throw. */
   pread(buf: Uint8Array, offset: number, opts?: IoOpts): Promise<void>;
+  /**
+   * Fill buf from offset at once, without waiting, when everything needed is
+   * already in memory (metadata cached, data in the host's page cache):
+   * the runs read, or null, and then pread it (buf may have been written).
+   * Never throws for a problem pread would report: it returns null. For
+   * servers, where the promise chain of a pread cost more than a cached read.
+   */
+  readNow?(buf: Uint8Array, offset: number): ReadRuns | null;
   /** Write buf entirely at offset, or throw. */
   pwrite(buf: Uint8Array, offset: number, opts?: IoOpts): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: IoOpts): Promise<void>;

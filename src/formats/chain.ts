@@ -6,7 +6,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import type { BlockDevice, Capabilities, Extent, IoOpts } from '../block/device.js';
+import type { BlockDevice, Capabilities, Extent, IoOpts, ReadRuns } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { GenericDevice, type Driver } from '../block/generic.js';
 import { isNbdUri } from '../nbd/uri.js';
@@ -89,6 +89,36 @@ export async function readLayered(layer: Layer, buf: Uint8Array, offset: number)
   }
 }
 
+/**
+ * readLayered at once from what is in memory (BlockDevice.readNow): the
+ * layer's cached mapping, data in the page cache, backing devices likewise;
+ * null as soon as anything would have to wait (compressed runs always do).
+ */
+export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number): ReadRuns | null {
+  if (layer.mapNow === undefined || layer.readRunNow === undefined) return null;
+  const runs = layer.mapNow(offset, buf.length);
+  if (runs === null) return null;
+  const out: ReadRuns = [];
+  let pos = offset;
+  for (const run of runs) {
+    const end = Math.min(run.offset + run.length, offset + buf.length);
+    if (end <= pos) continue;
+    const dst = buf.subarray(pos - offset, end - offset);
+    let zero = false;
+    if (run.kind === 'zero') zero = (dst.fill(0), true);
+    else if (run.kind === 'unallocated') {
+      const b = layer.backing;
+      const inBacking = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - pos));
+      if (b !== null && inBacking > 0 && (b.readNow?.(dst.subarray(0, inBacking), pos) ?? null) === null) return null;
+      if (inBacking < dst.length) dst.fill(0, inBacking);
+      zero = inBacking === 0;
+    } else if (!layer.readRunNow(dst, run, pos)) return null;
+    out.push({ offset: pos, length: end - pos, zero });
+    pos = end;
+  }
+  return pos === offset + buf.length ? out : null;
+}
+
 /** Unallocated runs read from the backing device; beyond its end, zeros. */
 async function readBacking(b: BlockDevice | null, dst: Uint8Array, offset: number): Promise<void> {
   const inBacking = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - offset));
@@ -126,6 +156,10 @@ export class LayeredDriver implements Driver {
 
   pread(buf: Uint8Array, offset: number): Promise<void> {
     return readLayered(this.layer, buf, offset);
+  }
+
+  readNow(buf: Uint8Array, offset: number): ReadRuns | null {
+    return readLayeredNow(this.layer, buf, offset);
   }
 
   async pwrite(buf: Uint8Array, offset: number): Promise<void> {

@@ -65,6 +65,10 @@ export interface Layer {
    * buf, starting at guest offset `offset` inside the run.
    */
   readRun(buf: Uint8Array, run: LayerRun, offset: number): Promise<void>;
+  /** map from what is in memory now, or null (see BlockDevice.readNow). */
+  mapNow?(offset: number, length: number): LayerRun[] | null;
+  /** readRun at once from the host's page cache, or false. */
+  readRunNow?(buf: Uint8Array, run: LayerRun, offset: number): boolean;
   info(): Promise<ImageInfo>;
   close(): Promise<void>;
 

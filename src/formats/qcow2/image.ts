@@ -255,9 +255,42 @@ export class Qcow2Layer implements Layer {
   }
 
   async map(offset: number, length: number): Promise<LayerRun[]> {
+    const runs: Qcow2Run[] = [];
+    const end = offset + length;
+    let got: { offset: number; table: Uint8Array } | null = null;
+    let pos = offset;
+    while (pos < end) {
+      const at = this.mapFrom(runs, pos, end, (l2Off) => (got !== null && got.offset === l2Off ? got.table : this.peekL2(l2Off)));
+      pos = at.pos;
+      if (at.need !== null) got = { offset: at.need.l2Off, table: await this.l2Table(at.need.l2Off, at.need.l1i) };
+    }
+    return runs;
+  }
+
+  /** Like map, but only from L2 tables already in memory: null when one is not. */
+  mapNow(offset: number, length: number): LayerRun[] | null {
+    const runs: Qcow2Run[] = [];
+    const at = this.mapFrom(runs, offset, offset + length, (l2Off) => this.peekL2(l2Off));
+    return at.need === null ? runs : null;
+  }
+
+  /** An L2 table that is pinned or cached now, without reading. */
+  private peekL2(offset: number): Uint8Array | undefined {
+    return this.pinned.get(offset) ?? this.l2Cache.peek(offset);
+  }
+
+  /**
+   * Map [pos, end) onto `runs` for as long as `tableAt` has the L2 tables;
+   * returns where it stopped and the table it lacked (need: null when done).
+   */
+  private mapFrom(
+    runs: Qcow2Run[],
+    start: number,
+    end: number,
+    tableAt: (l2Off: number) => Uint8Array | undefined,
+  ): { pos: number; need: { l2Off: number; l1i: number } | null } {
     const h = this.header;
     const cs = h.clusterSize;
-    const runs: Qcow2Run[] = [];
     const push = (r: Qcow2Run): void => {
       const last = runs[runs.length - 1];
       if (
@@ -271,11 +304,10 @@ export class Qcow2Layer implements Layer {
         last.length += r.length;
       } else runs.push(r);
     };
-    const end = offset + length;
     const own = this.dataFile === null;
     const hostFile = own ? this.path : (this.dataFile as HostFile).path;
     const hostSize = own ? this.file.size : Infinity;
-    let pos = offset;
+    let pos = start;
     while (pos < end) {
       const l1i = Math.floor(pos / this.l1Span);
       const spanEnd = Math.min(end, (l1i + 1) * this.l1Span);
@@ -286,7 +318,8 @@ export class Qcow2Layer implements Layer {
         continue;
       }
       this.checkL1(l1i);
-      const table = await this.l2Table(l2Off, l1i);
+      const table = tableAt(l2Off);
+      if (table === undefined) return { pos, need: { l2Off, l1i } };
       const dv = dataView(table);
       while (pos < spanEnd) {
         const ci = Math.floor(pos / cs);
@@ -359,7 +392,13 @@ export class Qcow2Layer implements Layer {
         }
       }
     }
-    return runs;
+    return { pos, need: null };
+  }
+
+  readRunNow(buf: Uint8Array, run: LayerRun, offset: number): boolean {
+    const r = run as Qcow2Run;
+    if (this.header.cryptMethod !== 0 || r.kind !== 'data') return false;
+    return (this.dataFile ?? this.file).readNow(buf, (r.hostOffset as number) + (offset - r.offset));
   }
 
   async readRun(buf: Uint8Array, run: LayerRun, offset: number): Promise<void> {

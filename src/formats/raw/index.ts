@@ -2,7 +2,7 @@
 import type { BlockDevice } from '../../block/device.js';
 import type { HostFile } from '../../block/file.js';
 import { GenericDevice, type Driver } from '../../block/generic.js';
-import type { Extent, IoOpts } from '../../block/device.js';
+import type { Extent, IoOpts, ReadRuns } from '../../block/device.js';
 import type { FormatDriver } from '../registry.js';
 
 export class RawDriver implements Driver {
@@ -20,6 +20,16 @@ export class RawDriver implements Driver {
 
   pread(buf: Uint8Array, offset: number): Promise<void> {
     return this.file.readAt(buf, offset);
+  }
+
+  readNow(buf: Uint8Array, offset: number): ReadRuns | null {
+    const runs = this.file.dataRuns(offset, buf.length) ?? [{ offset, length: buf.length, data: true }];
+    for (const r of runs) {
+      const dst = buf.subarray(r.offset - offset, r.offset - offset + r.length);
+      if (!r.data) dst.fill(0);
+      else if (!this.file.readNow(dst, r.offset)) return null;
+    }
+    return runs.map((r) => ({ offset: r.offset, length: r.length, zero: !r.data }));
   }
 
   pwrite(buf: Uint8Array, offset: number, _opts: IoOpts): Promise<void> {

@@ -1,0 +1,125 @@
+/**
+ * BlockDevice.readNow (what the NBD server answers READs with when all it
+ * needs is in memory) must give exactly what pread gives: on a qcow2 made by
+ * qemu-io with a backing file, data, zero, compressed and unallocated
+ * clusters, and on a sparse raw file. Compressed clusters always wait
+ * (decompression): readNow must decline them.
+ */
+import test, { type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { closeSync, openSync, writeSync, ftruncateSync } from 'node:fs';
+import { join } from 'node:path';
+import type { BlockDevice, ReadRuns } from '../../src/block/device.js';
+import { openImage } from '../../src/formats/registry.js';
+import { pseudoRandom } from '../helpers/rng.js';
+import { hostIo } from '../../src/block/hostio.js';
+import { needTools, REQUIRE_TOOLS, run, scratchDir } from '../helpers/tools.js';
+
+const KiB = 1024;
+const MiB = 1 << 20;
+
+/** readNow reads the page cache through the native helper; without it there is nothing to test. */
+function needNative(t: TestContext): boolean {
+  if (hostIo !== null) return true;
+  const msg = 'native helper not built (dist/native/rblock-hostio.node): readNow always declines';
+  if (REQUIRE_TOOLS) throw new Error(`${msg} (RBLOCK_REQUIRE_TOOLS=1 forbids skipping)`);
+  t.skip(msg);
+  return false;
+}
+
+function checkRuns(runs: ReadRuns, offset: number, length: number, buf: Uint8Array, label: string): void {
+  let pos = offset;
+  for (const r of runs) {
+    assert.equal(r.offset, pos, `${label}: runs are contiguous`);
+    if (r.zero)
+      assert.ok(
+        buf.subarray(r.offset - offset, r.offset - offset + r.length).every((b) => b === 0),
+        `${label}: zero run reads as zeros`,
+      );
+    pos += r.length;
+  }
+  assert.equal(pos, offset + length, `${label}: runs cover the read`);
+}
+
+/** pread first (so metadata is cached), then readNow; returns how many ranges readNow answered. */
+async function compareReads(dev: BlockDevice, ranges: ReadonlyArray<readonly [number, number]>, label: string): Promise<number> {
+  let answered = 0;
+  for (const [offset, length] of ranges) {
+    const want = new Uint8Array(length);
+    await dev.pread(want, offset);
+    const got = new Uint8Array(length).fill(0xee);
+    const runs = dev.readNow?.(got, offset) ?? null;
+    if (runs === null) continue;
+    answered++;
+    assert.deepEqual(got, want, `${label}: readNow(${offset}, ${length}) equals pread`);
+    checkRuns(runs, offset, length, got, `${label} ${offset}+${length}`);
+  }
+  return answered;
+}
+
+test('readNow equals pread: qcow2 with a backing file, zero, compressed and unallocated clusters', async (t) => {
+  if (!needNative(t) || !needTools(t, 'qemu-img', 'qemu-io')) return;
+  using s = scratchDir();
+  const base = join(s.dir, 'base.qcow2');
+  const top = join(s.dir, 'top.qcow2');
+  run('qemu-img', ['create', '-q', '-f', 'qcow2', base, '8M'], { check: true });
+  run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 1M', '-c', 'write -P 0x5b 5M 64k', base], { check: true });
+  run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '8M'], { check: true });
+  run(
+    'qemu-io',
+    [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -P 0x11 1M 256k',
+      '-c',
+      'write -z 2M 128k',
+      '-c',
+      'write -c -P 0x22 3M 64k',
+      '-c',
+      'write -P 0x33 512k 4k',
+      top,
+    ],
+    { check: true },
+  );
+  await using dev = await openImage(top, { readOnly: true });
+  const ranges = [
+    [0, 4 * KiB], // from the backing file
+    [512 * KiB - 100, 8 * KiB], // backing, then top's own cluster, unaligned
+    [MiB - 32 * KiB, 320 * KiB], // backing into top's data
+    [2 * MiB - 4 * KiB, 136 * KiB], // unallocated into zero clusters
+    [5 * MiB, 64 * KiB], // backing data under an unallocated top
+    [6 * MiB, 2 * MiB], // nowhere: zeros
+    [0, 8 * MiB], // everything but the compressed cluster ... which it includes: declined
+  ] as const;
+  const answered = await compareReads(dev, ranges, 'qcow2');
+  assert.equal(answered, ranges.length - 1, 'readNow answers every range without a compressed cluster');
+  const compressed = new Uint8Array(64 * KiB);
+  await dev.pread(compressed, 3 * MiB);
+  assert.equal(dev.readNow?.(new Uint8Array(64 * KiB), 3 * MiB), null, 'compressed clusters are read asynchronously');
+  assert.equal(dev.readNow?.(new Uint8Array(4096), 8 * MiB), null, 'past the end: declined (pread reports it)');
+});
+
+test('readNow equals pread: sparse raw file', async (t) => {
+  if (!needNative(t)) return;
+  using s = scratchDir();
+  const path = join(s.dir, 'sparse.raw');
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, 16 * MiB);
+  writeSync(fd, pseudoRandom(3 * MiB, 9), 0, 3 * MiB, 4 * MiB);
+  writeSync(fd, Buffer.alloc(512, 0x77), 0, 512, 9 * MiB + 512);
+  closeSync(fd);
+  await using dev = await openImage(path, { format: 'raw', readOnly: true });
+  const answered = await compareReads(
+    dev,
+    [
+      [0, 64 * KiB],
+      [4 * MiB - 4 * KiB, 12 * KiB],
+      [5 * MiB, 256 * KiB],
+      [9 * MiB, 4 * KiB],
+      [0, 16 * MiB],
+    ],
+    'raw',
+  );
+  assert.equal(answered, 5);
+});
