@@ -13,6 +13,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { TestContext } from 'node:test';
+import { hostIo } from '../../src/block/hostio.js';
 
 /** The repository root (tests run from dist/test/...). */
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -40,6 +41,19 @@ export function needTools(t: TestContext, ...names: string[]): boolean {
 }
 
 /** Same as needTools, for data that lives in ../shared. */
+/**
+ * The native helper (dist/native/rblock-hostio.node, scripts/build-native.mjs)
+ * is built; else skip with `what` it is needed for (a failure under
+ * RBLOCK_REQUIRE_TOOLS=1).
+ */
+export function needNative(t: TestContext, what: string): boolean {
+  if (hostIo !== null) return true;
+  const msg = `native helper not built (dist/native/rblock-hostio.node, see scripts/build-native.mjs): ${what}`;
+  if (REQUIRE_TOOLS) throw new Error(`${msg} (RBLOCK_REQUIRE_TOOLS=1 forbids skipping)`);
+  t.skip(msg);
+  return false;
+}
+
 export function needShared(t: TestContext, rel: string): string | null {
   const p = join(SHARED, rel);
   if (existsSync(p)) return p;

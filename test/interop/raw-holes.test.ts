@@ -13,17 +13,13 @@ import { spawn } from 'node:child_process';
 import { closeSync, fdatasyncSync, ftruncateSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { hostIo } from '../../src/block/hostio.js';
-import { needTools, RBLOCK, rblock, REQUIRE_TOOLS, run, scratchDir, waitForSocket } from '../helpers/tools.js';
+import { needNative, needTools, RBLOCK, rblock, run, scratchDir, waitForSocket } from '../helpers/tools.js';
 import { pseudoRandom } from '../helpers/rng.js';
 
 const MiB = 1 << 20;
 
 function needSeek(t: TestContext): boolean {
-  if (hostIo !== null) return true;
-  const msg = 'native SEEK_DATA helper not built (dist/native/rblock-hostio.node): see scripts/build-native.mjs';
-  if (REQUIRE_TOOLS) throw new Error(`${msg} (RBLOCK_REQUIRE_TOOLS=1 forbids skipping)`);
-  t.skip(msg);
-  return false;
+  return needNative(t, 'no SEEK_DATA');
 }
 
 /** 64 MiB sparse raw: data at 1 MiB (4 KiB), 10-13 MiB (random), 40 MiB + 512 (one sector, unaligned), the rest holes. */

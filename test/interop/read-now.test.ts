@@ -5,27 +5,17 @@
  * clusters, and on a sparse raw file. Compressed clusters always wait
  * (decompression): readNow must decline them.
  */
-import test, { type TestContext } from 'node:test';
+import test from 'node:test';
 import assert from 'node:assert/strict';
 import { closeSync, openSync, writeSync, ftruncateSync } from 'node:fs';
 import { join } from 'node:path';
 import type { BlockDevice, ReadRuns } from '../../src/block/device.js';
 import { openImage } from '../../src/formats/registry.js';
 import { pseudoRandom } from '../helpers/rng.js';
-import { hostIo } from '../../src/block/hostio.js';
-import { needTools, REQUIRE_TOOLS, run, scratchDir } from '../helpers/tools.js';
+import { needNative, needTools, run, scratchDir } from '../helpers/tools.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
-
-/** readNow reads the page cache through the native helper; without it there is nothing to test. */
-function needNative(t: TestContext): boolean {
-  if (hostIo !== null) return true;
-  const msg = 'native helper not built (dist/native/rblock-hostio.node): readNow always declines';
-  if (REQUIRE_TOOLS) throw new Error(`${msg} (RBLOCK_REQUIRE_TOOLS=1 forbids skipping)`);
-  t.skip(msg);
-  return false;
-}
 
 function checkRuns(runs: ReadRuns, offset: number, length: number, buf: Uint8Array, label: string): void {
   let pos = offset;
@@ -58,7 +48,7 @@ async function compareReads(dev: BlockDevice, ranges: ReadonlyArray<readonly [nu
 }
 
 test('readNow equals pread: qcow2 with a backing file, zero, compressed and unallocated clusters', async (t) => {
-  if (!needNative(t) || !needTools(t, 'qemu-img', 'qemu-io')) return;
+  if (!needNative(t, 'readNow reads the page cache through it') || !needTools(t, 'qemu-img', 'qemu-io')) return;
   using s = scratchDir();
   const base = join(s.dir, 'base.qcow2');
   const top = join(s.dir, 'top.qcow2');
@@ -101,7 +91,7 @@ test('readNow equals pread: qcow2 with a backing file, zero, compressed and unal
 });
 
 test('readNow equals pread: sparse raw file', async (t) => {
-  if (!needNative(t)) return;
+  if (!needNative(t, 'readNow reads the page cache through it')) return;
   using s = scratchDir();
   const path = join(s.dir, 'sparse.raw');
   const fd = openSync(path, 'w');
