@@ -22,6 +22,8 @@ export interface HostIo {
   preadNowait(fd: number, buf: Uint8Array, offset: number): number;
   /** A close-on-exec duplicate of fd; below -1: -(2 + errno). */
   dupFd(fd: number): number;
+  /** SO_SNDBUF (the kernel caps it at net.core.wmem_max): the size the kernel then reports; below -1: -(2 + errno). */
+  setSendBuffer(fd: number, bytes: number): number;
 }
 
 function load(): HostIo | null {

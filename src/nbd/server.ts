@@ -17,7 +17,7 @@ import { ExportTable, type NbdExport } from './exports.js';
 import { DEFAULT_HANDSHAKE_LIMITS, HandshakeEnd, handshake, type HandshakeLimits } from './handshake.js';
 import { DEFAULT_PORT } from './protocol.js';
 import { listenOn, removeStaleSocket } from '../util/listen.js';
-import { reopenWithOnread } from './socket-onread.js';
+import { reopenWithOnread, UNIX_SEND_BUFFER } from './socket-onread.js';
 import { BufferPool, StreamClosed, StreamReader, StreamWriter, type BorrowedSource } from './stream.js';
 import { upgradeServer, type ServerTls } from './tls.js';
 import { DEFAULT_TRANSMISSION_LIMITS, Transmission, type TransmissionLimits } from './transmission.js';
@@ -237,7 +237,9 @@ export class NbdServer {
 
   private serve(accepted: Socket): void {
     // Without TLS, read through one reused buffer (socket-onread.ts); a TLS layer reads for itself.
-    const re = this.connOpts.tls === undefined ? reopenWithOnread(accepted) : null;
+    // A Unix socket (no remote address family) also gets a bigger send buffer (socket-onread.ts).
+    const unix = accepted.remoteFamily === undefined;
+    const re = this.connOpts.tls === undefined ? reopenWithOnread(accepted, unix ? UNIX_SEND_BUFFER : 0) : null;
     const sock = re?.sock ?? accepted;
     if (re !== null) sock.on('error', () => undefined);
     const c = new Connection(this.nextId++, sock, this, this.connOpts, re?.source ?? null);

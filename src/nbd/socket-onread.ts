@@ -11,11 +11,23 @@
  * re-opened from a duplicate of its descriptor (dup(2) from the native
  * helper, native/hostio.c) and the original closed. Without the helper, or
  * when the descriptor is not reachable, the accepted socket is used as it is.
+ *
+ * Unix sockets also get a larger send buffer (UNIX_SEND_BUFFER): a Unix
+ * stream socket holds only SO_SNDBUF bytes (212992 by default) that the peer
+ * has not read yet, less than one 256 KiB nbdcopy reply, so every reply was
+ * a ping-pong of wake-ups between server and client. With 4 MiB, nbdcopy of
+ * the 2 GiB qcow2 over a Unix socket took 0.90 s instead of 1.23 s (qemu-nbd
+ * 0.86 s; raw 0.84 s against 1.11 s, qemu-nbd 0.88 s). The kernel caps the
+ * value at net.core.wmem_max (212992 on a default kernel, where this changes
+ * nothing). TCP keeps the kernel's autotuning, which setting it would turn off.
  */
 import { closeSync } from 'node:fs';
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
 import { hostIo } from '../block/hostio.js';
 import type { BorrowedSource } from './stream.js';
+
+/** SO_SNDBUF for served Unix sockets: as many bytes as a connection may have in flight (transmission.ts). */
+export const UNIX_SEND_BUFFER = 4 << 20;
 
 /** What node copies each socket read into; a reader copies out of it at once. */
 const READ_BUFFER = 64 << 10;
@@ -35,9 +47,10 @@ export function onreadOptions(source: BorrowedSource): OnReadOpts {
 
 /**
  * The accepted socket re-opened with `onread` (the original is destroyed),
- * or null when that is not possible: then use the original.
+ * or null when that is not possible: then use the original. `sendBuffer`
+ * (bytes, 0 to leave it) sets SO_SNDBUF on it.
  */
-export function reopenWithOnread(accepted: Socket): { sock: Socket; source: BorrowedSource } | null {
+export function reopenWithOnread(accepted: Socket, sendBuffer = 0): { sock: Socket; source: BorrowedSource } | null {
   if (hostIo === null) return null;
   const fd = (accepted as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return null;
@@ -55,5 +68,7 @@ export function reopenWithOnread(accepted: Socket): { sock: Socket; source: Borr
   }
   // The duplicate keeps the connection open; closing the original only frees its descriptor.
   accepted.destroy();
+  if (sendBuffer > 0) hostIo.setSendBuffer(dup, sendBuffer); // best effort: the kernel caps it
+
   return { sock, source };
 }

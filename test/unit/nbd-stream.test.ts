@@ -10,7 +10,9 @@ import test from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { connect, createServer, type Socket } from 'node:net';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { hostIo } from '../../src/block/hostio.js';
 import { onreadOptions, reopenWithOnread } from '../../src/nbd/socket-onread.js';
 import { StreamClosed, StreamReader, type BorrowedSource } from '../../src/nbd/stream.js';
 import { pseudoRandom } from '../helpers/rng.js';
@@ -95,3 +97,17 @@ for (const mode of ['owned', 'onread-connect', 'onread-accepted'] as const) {
     }
   });
 }
+
+test('setSendBuffer: SO_SNDBUF on a Unix socket, as the kernel caps it', async (t) => {
+  if (!needNative(t, 'served Unix sockets get their send buffer from it')) return;
+  using s = scratchDir('rblock-stream-');
+  const { reader, sender } = await pair(join(s.dir, 'b.sock'), 'onread-connect');
+  const fd = (sender as unknown as { _handle: { fd: number } })._handle.fd;
+  const wmemMax = Number(readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+  const want = 256 << 10;
+  // Linux doubles the value for its bookkeeping and caps the request at wmem_max.
+  assert.equal(hostIo!.setSendBuffer(fd, want), 2 * Math.min(want, wmemMax));
+  assert.ok(hostIo!.setSendBuffer(-1, want) < -1, 'a bad descriptor is an error number, not a throw');
+  sender.destroy();
+  await assert.rejects(reader.read(1), StreamClosed);
+});
