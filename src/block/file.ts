@@ -278,6 +278,12 @@ export class HostFile {
     return n;
   }
 
+  /** Fill buf from pos entirely from the page cache, at once (see readCached), or return false. */
+  readNow(buf: Uint8Array, pos: number): boolean {
+    if (pos + buf.length > this.cachedSize || this.syncFd !== null) return false;
+    return this.readCached(buf, pos) === buf.length;
+  }
+
   /**
    * The part of a read the page cache holds, read at once on this thread
    * (preadv2 with RWF_NOWAIT, see native/hostio.c): 0 when nothing could be
@@ -286,12 +292,6 @@ export class HostFile {
    * take this path first: for the NBD server under `fio` 4 KiB random reads
    * the pool's hand-off, wake-up and promise cost more than the cached read.
    */
-  /** Fill buf from pos entirely from the page cache, at once (see readCached), or return false. */
-  readNow(buf: Uint8Array, pos: number): boolean {
-    if (pos + buf.length > this.cachedSize || this.syncFd !== null) return false;
-    return this.readCached(buf, pos) === buf.length;
-  }
-
   private readCached(buf: Uint8Array, pos: number): number {
     if (!nowaitReads || hostIo === null) return 0;
     const fd = (this.fh as { fd?: unknown }).fd;

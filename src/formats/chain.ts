@@ -108,8 +108,8 @@ export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number): R
     if (run.kind === 'zero') zero = (dst.fill(0), true);
     else if (run.kind === 'unallocated') {
       const b = layer.backing;
-      const inBacking = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - pos));
-      if (b !== null && inBacking > 0 && (b.readNow?.(dst.subarray(0, inBacking), pos) ?? null) === null) return null;
+      const inBacking = backingBytes(b, dst.length, pos);
+      if (b !== null && inBacking > 0 && !b.readNow?.(dst.subarray(0, inBacking), pos)) return null;
       if (inBacking < dst.length) dst.fill(0, inBacking);
       zero = inBacking === 0;
     } else if (!layer.readRunNow(dst, run, pos)) return null;
@@ -119,9 +119,14 @@ export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number): R
   return pos === offset + buf.length ? out : null;
 }
 
+/** How much of `length` bytes at `offset` the backing device has (a shorter backing file reads as zeros past its end). */
+function backingBytes(b: BlockDevice | null, length: number, offset: number): number {
+  return b === null ? 0 : Math.max(0, Math.min(length, b.size - offset));
+}
+
 /** Unallocated runs read from the backing device; beyond its end, zeros. */
 async function readBacking(b: BlockDevice | null, dst: Uint8Array, offset: number): Promise<void> {
-  const inBacking = b === null ? 0 : Math.max(0, Math.min(dst.length, b.size - offset));
+  const inBacking = backingBytes(b, dst.length, offset);
   if (b !== null && inBacking > 0) await b.pread(dst.subarray(0, inBacking), offset);
   if (inBacking < dst.length) dst.fill(0, inBacking);
 }

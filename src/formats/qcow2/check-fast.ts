@@ -46,21 +46,13 @@ export type NativeRefs = Uint8Array | Uint16Array | Uint32Array;
 export function decodeRefblock(raw: Uint8Array, bits: number): NativeRefs | null {
   if (!NATIVE_LE) return null;
   if (bits === 8) return raw;
-  if (bits === 16) {
-    const out = new Uint16Array(raw.length / 2);
-    const b = Buffer.from(out.buffer, 0, raw.length);
-    b.set(raw);
-    b.swap16();
-    return out;
-  }
-  if (bits === 32) {
-    const out = new Uint32Array(raw.length / 4);
-    const b = Buffer.from(out.buffer, 0, raw.length);
-    b.set(raw);
-    b.swap32();
-    return out;
-  }
-  return null;
+  if (bits !== 16 && bits !== 32) return null;
+  const out = bits === 16 ? new Uint16Array(raw.length / 2) : new Uint32Array(raw.length / 4);
+  const b = Buffer.from(out.buffer, 0, raw.length);
+  b.set(raw);
+  if (bits === 16) b.swap16();
+  else b.swap32();
+  return out;
 }
 
 /** Whether a[0, n) equals b[from, from + n) (same element type): a native memcmp. */
