@@ -22,7 +22,7 @@ import { median, run, sync, timedRun, type RunResult } from './measure.js';
 
 const MiB = 1 << 20;
 const SECTOR = 512;
-const RBLOCK = resolve(dirname(fileURLToPath(import.meta.url)), '../../bin/rblock.js');
+const RBLOCK = resolve(dirname(fileURLToPath(import.meta.url)), '../../bin/rblock.cjs');
 
 function arg(name: string): string | undefined {
   const i = process.argv.indexOf(name);

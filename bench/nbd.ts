@@ -436,7 +436,7 @@ async function main(): Promise<void> {
   let fioSeconds: number | undefined;
   let scratch = join(tmpdir(), 'rblock-bench');
   let json: string | undefined;
-  let rblock = join(ROOT, 'bin', 'rblock.js');
+  let rblock = join(ROOT, 'bin', 'rblock.cjs');
   const kinds = new Set<Kind>();
   eachArg(argv, (k, v) => {
     if (k === '--rounds') rounds = Math.max(1, Number(v()));

@@ -23,7 +23,7 @@
  * Options: --rounds N, --ops-rounds N (ops figures; default 3, 1 for the
  * zlib-compressing ones), --only read|info|map|ops|nbd|<op name> (repeatable), --scratch DIR,
  * --json FILE (also write the results as JSON), --rblock PATH (another
- * bin/rblock.js, e.g. a build of an older tree, to compare), --keep-env.
+ * bin/rblock.cjs, e.g. a build of an older tree, to compare), --keep-env.
  * Images are cached in $TMPDIR/rblock-bench (or --scratch) and rebuilt when missing.
  *
  * NODE_EXTRA_CA_CERTS is removed from the commands' environment unless
@@ -41,7 +41,7 @@ import { benchOps, OPS } from './ops.js';
 import { eachArg, median, rssMethod, run, sha256File, sync, timedRun, type RunResult } from './measure.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-let RBLOCK = join(ROOT, 'bin', 'rblock.js');
+let RBLOCK = join(ROOT, 'bin', 'rblock.cjs');
 let ENV: NodeJS.ProcessEnv = process.env;
 const RSS_LIMIT_MIB = 256;
 const READ_TARGET = 1.2;

@@ -3,7 +3,7 @@
 // Why: startup is most of a short command's time (`info`, `check`, even
 // `check` of an 8 GiB image). node's ESM loader spends about 1 ms per module
 // file, and compiling our code and commander's was ~20-40 ms of every run.
-// So the CLI is one CommonJS file, dist/bundle/cli.cjs, which bin/rblock.js
+// So the CLI is one CommonJS file, dist/bundle/cli.cjs, which bin/rblock.cjs
 // compiles with node:vm and a V8 code cache (see there): a cached run skips
 // the compile of everything the command used the first time. The lazily
 // loaded commands stay lazy inside the file (esbuild runs a module's top
@@ -23,10 +23,10 @@ process.chdir(root);
 
 const outdir = 'dist/bundle';
 rmSync(outdir, { recursive: true, force: true });
-// Code caches written by bin/rblock.js at run time belong to the bundle they were made from.
+// Code caches written by bin/rblock.cjs at run time belong to the bundle they were made from.
 rmSync('dist/cache', { recursive: true, force: true });
 
-// The first line of cli.cjs names the build: bin/rblock.js keys its code caches on it (V8 itself
+// The first line of cli.cjs names the build: bin/rblock.cjs keys its code caches on it (V8 itself
 // only checks a cache against the source's length). Filled in below, in place: same length, so
 // the source map's lines and columns still hold.
 const BUILD_ID_PLACEHOLDER = '0'.repeat(16);
@@ -79,7 +79,7 @@ mkdirSync(outdir, { recursive: true });
 for (const f of cli.outputFiles) {
   let text = f.text;
   if (f.path.endsWith('.cjs')) {
-    // ASCII only, so that bin/rblock.js can read it as latin1 (a plain copy, ~2 ms less than
+    // ASCII only, so that bin/rblock.cjs can read it as latin1 (a plain copy, ~2 ms less than
     // decoding UTF-8). esbuild escapes non-ASCII in code (its default charset); what is left is in
     // comments (a '§'): one '?' per UTF-16 unit keeps every column of the source map.
     text = text.replace(/[\u0080-\uffff]/g, '?');

@@ -11,7 +11,7 @@ qemu-img create -q -f qcow2 "$dir/base.qcow2" 64M
 qemu-io -c 'write -P 0xab 0 1M' -c 'write -z 4M 64k' "$dir/base.qcow2" >/dev/null
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$dir/disk.qcow2"
 qemu-io -c 'write -P 0xcd 512k 128k' "$dir/disk.qcow2" >/dev/null
-RBLOCK="$PWD/bin/rblock.js"
+RBLOCK="$PWD/bin/rblock.cjs"
 rb() { echo "\$ rblock $*"; node "$RBLOCK" "$@"; echo; }
 cd "$dir"
 rb info disk.qcow2

@@ -253,7 +253,7 @@ function isInline(name: string): boolean {
   return INLINE.has(name);
 }
 
-/** Whether `name` is a command (bin/rblock.js keeps a code cache per command). */
+/** Whether `name` is a command (bin/rblock.cjs keeps a code cache per command). */
 export function isCommand(name: string): boolean {
   return isInline(name) || Object.hasOwn(LAZY_COMMANDS, name);
 }

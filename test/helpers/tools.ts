@@ -17,7 +17,7 @@ import { hostIo } from '../../src/block/hostio.js';
 
 /** The repository root (tests run from dist/test/...). */
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
-export const RBLOCK = join(ROOT, 'bin', 'rblock.js');
+export const RBLOCK = join(ROOT, 'bin', 'rblock.cjs');
 /** ../shared beside the checkout (CI has it; a bare clone may not). */
 export const SHARED = resolve(ROOT, '..', 'shared');
 
@@ -40,7 +40,6 @@ export function needTools(t: TestContext, ...names: string[]): boolean {
   return false;
 }
 
-/** Same as needTools, for data that lives in ../shared. */
 /**
  * The native helper (dist/native/rblock-hostio.node, scripts/build-native.mjs)
  * is built; else skip with `what` it is needed for (a failure under
@@ -54,6 +53,7 @@ export function needNative(t: TestContext, what: string): boolean {
   return false;
 }
 
+/** Same as needTools, for data that lives in ../shared. */
 export function needShared(t: TestContext, rel: string): string | null {
   const p = join(SHARED, rel);
   if (existsSync(p)) return p;
@@ -79,7 +79,7 @@ export function run(cmd: string, args: string[], opts: SpawnSyncOptions & { chec
   return res;
 }
 
-/** Run the rblock CLI (bin/rblock.js) as a user would; never throws on exit status. */
+/** Run the rblock CLI (bin/rblock.cjs) as a user would; never throws on exit status. */
 export function rblock(args: string[], opts: SpawnSyncOptions = {}): RunResult {
   return run(process.execPath, [RBLOCK, ...args], { ...opts, check: false });
 }

@@ -53,7 +53,7 @@ async function must(cmd: string, args: string[], cwd?: string): Promise<Out> {
   return r;
 }
 
-/** The rblock CLI in-process (the same main() bin/rblock.js runs), output captured. */
+/** The rblock CLI in-process (the same main() bin/rblock.cjs runs), output captured. */
 async function rb(...args: string[]): Promise<Out> {
   let stdout = '';
   let stderr = '';

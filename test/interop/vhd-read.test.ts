@@ -59,8 +59,8 @@ function qemuIo(image: string, ...cmds: string[]): void {
 
 /**
  * The rblock CLI, in process (main() with captured output: the same code as
- * bin/rblock.js without a node start-up per call); image names are in ROOT.
- * A few checks below still spawn bin/rblock.js (other working directory, stderr).
+ * bin/rblock.cjs without a node start-up per call); image names are in ROOT.
+ * A few checks below still spawn bin/rblock.cjs (other working directory, stderr).
  */
 async function rb(...args: string[]): Promise<string> {
   let out = '';
