@@ -7,6 +7,7 @@
 import { Option, type Command } from 'commander';
 import { compareExitCode, CompareError, compareImages, qemuStyleSummary, SECTOR, type CompareResult } from '../copy/compare.js';
 import { openImage } from '../formats/registry.js';
+import { isNbdUri } from '../nbd/uri.js';
 import { errorLine } from './errors.js';
 import type { Io } from './io.js';
 
@@ -79,8 +80,14 @@ async function compareFiles(pathA: string, pathB: string, o: CompareCliOptions):
   };
   await using a = await open(pathA, o.format);
   await using b = await open(pathB, o.secondFormat);
+  // Local images read synchronously: no read-ahead, bigger windows (see CompareOptions.readAhead).
+  const local = !isNbdUri(pathA) && !isNbdUri(pathB);
   // -q prints nothing but the verdict: stop at the first difference, like qemu-img compare.
-  return await compareImages(a, b, { strict: o.strict ?? false, stopAtFirst: o.quiet ?? false });
+  return await compareImages(a, b, {
+    strict: o.strict ?? false,
+    stopAtFirst: o.quiet ?? false,
+    ...(local ? { readAhead: 0, window: 4 << 20 } : {}),
+  });
 }
 
 /** Register `compare` on the program. */
