@@ -23,7 +23,7 @@ const GiB = 1024 * MiB;
 const TiB = 1024 * GiB;
 const CLUSTER = 64 * KiB;
 
-/** mulberry32: small, fast, seeded (also used by compare.ts). */
+/** mulberry32: small, fast, seeded (also used by ops.ts). */
 export function prng(seed: number): () => number {
   let a = seed >>> 0;
   return () => {

@@ -36,6 +36,8 @@ export interface RunOptions {
   scratch: string;
   /** Environment of the command (default: this process's). */
   env?: NodeJS.ProcessEnv;
+  /** Exit codes that mean success (default [0]; compare exits 1 for "different"). */
+  exits?: number[];
 }
 
 /** Run cmd once; throw if it fails. */
@@ -73,7 +75,8 @@ export async function timedRun(cmd: string, args: string[], opts: RunOptions): P
   const t1 = process.hrtime.bigint();
   if (timer !== undefined) clearInterval(timer);
   closeSync(outFd);
-  if (code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited with ${code}: ${stderr.trim()}`);
+  if (code === null || !(opts.exits ?? [0]).includes(code))
+    throw new Error(`${cmd} ${args.join(' ')} exited with ${code}: ${stderr.trim()}`);
   if (method === 'gnu-time') {
     const lines = readFileSync(report, 'utf8').trim().split('\n');
     hwm = Number(lines[lines.length - 1]);

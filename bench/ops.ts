@@ -1,7 +1,7 @@
 /**
  * Operations benchmarks (issues 3, 6 and 7), called from run.ts: convert
- * between raw, qcow2 (plain, zlib, zstd), vpc and vmdk, and check, each as
- * `rblock ...` against the same `qemu-img ...` in the same run.
+ * between raw, qcow2 (plain, zlib, zstd), vpc and vmdk, check, compare and
+ * delta, each as `rblock ...` against the same `qemu-img ...` in the same run.
  *
  * Source: a 2 GiB RAW disk with a realistic mix, the read benchmark's qcow2
  * flattened with `qemu-img convert -O raw` (runs of random and text-like
@@ -11,6 +11,17 @@
  * (`qemu-img convert -S 0` of a fallocated raw with two 64 MiB pattern
  * writes: every cluster allocated; about 27 s to build).
  *
+ * compare and delta run on a pair: the 2 GiB RAW above as the old disk, and
+ * a sparse copy of it with one byte changed in 1% of its 512-byte sectors
+ * (chosen at random, seeded; in data and in holes alike) as the new one;
+ * plus a plain sparse copy for "identical". qemu-img compare stops at the
+ * first difference, so the like-for-like figures are `compare -q` on the
+ * pair (both stop there) and compare of the identical pair (both read
+ * everything); `rblock compare --output json` listing every changed sector
+ * of the pair is timed against qemu-img reading the identical pair. delta's
+ * peer is qemu's way of making the same overlay: `qemu-img create -b NEW`
+ * then a safe `qemu-img rebase -b OLD`.
+ *
  * Each figure: the first timed round's outputs (rblock's and qemu-img's,
  * kept apart) are checked with `qemu-img compare` against the source before
  * the next rounds; then output deleted and `sync` before every run, tools
@@ -18,9 +29,9 @@
  * figures (qcow2 -c, vmdk streamOptimized: 30-40 s a run here) take one
  * round unless --ops-rounds is given.
  */
-import { rmSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { cached, ensureReadImage, finish, type ImageFacts } from './images.js';
+import { cached, ensureReadImage, finish, prng, type ImageFacts } from './images.js';
 import { run, sync, timedRun, type RunResult } from './measure.js';
 
 const GiB = 1 << 30;
@@ -41,7 +52,29 @@ export interface OpRow {
   check: string;
 }
 
-type Source = 'mix' | 'qcow2' | 'vpc' | 'vmdk' | 'full';
+type Source = 'mix' | 'qcow2' | 'vpc' | 'vmdk' | 'full' | 'pair';
+
+/** The compare/delta pair (see the top of this file). */
+interface Pair {
+  old: string;
+  new: string;
+  same: string;
+  /** Sectors that differ between old and new. */
+  changed: number;
+}
+
+/**
+ * A command other than convert and check (compare, delta): each tool's argv
+ * (rblock's after `node bin/rblock.cjs`; the peer's whole), the exit codes
+ * that mean success, and the check of the first round's results (stdout of
+ * each run is kept in OUT.stdout; "" when all is right, else why not).
+ */
+interface Custom {
+  rblock: (p: Pair, out: string) => string[];
+  peer: (p: Pair, out: string) => [string, ...string[]];
+  exits: number[];
+  verify: (p: Pair, outR: string, outQ: string) => string;
+}
 
 interface Op {
   /** --only name */
@@ -54,9 +87,99 @@ interface Op {
   /** Arguments after `convert` and before SRC DST (the same for both tools), or the command for check. */
   opts: string[];
   slow?: boolean;
+  custom?: Custom;
 }
 
-const SRC_FMT: Record<Source, string> = { mix: 'raw', qcow2: 'qcow2', vpc: 'vpc', vmdk: 'vmdk', full: 'qcow2' };
+const SRC_FMT: Record<Source, string> = { mix: 'raw', qcow2: 'qcow2', vpc: 'vpc', vmdk: 'vmdk', full: 'qcow2', pair: 'raw' };
+
+/** rblock compare --output json, as far as the checks below read it. */
+interface CompareJson {
+  identical: boolean;
+  firstMismatch: number | null;
+  changedSectors: number;
+}
+
+function compareJson(path: string): CompareJson {
+  return JSON.parse(readFileSync(path, 'utf8')) as CompareJson;
+}
+
+const COMPARE_OPS: Op[] = [
+  {
+    key: 'compare-q',
+    name: 'compare -q, 1% of sectors differ',
+    src: 'pair',
+    opts: [],
+    custom: {
+      rblock: (p) => ['compare', '-q', '-f', 'raw', '-F', 'raw', p.old, p.new],
+      peer: (p) => ['qemu-img', 'compare', '-q', '-f', 'raw', '-F', 'raw', p.old, p.new],
+      exits: [1],
+      verify: () => '',
+    },
+  },
+  {
+    key: 'compare-same',
+    name: 'compare, identical 2 GiB disks',
+    src: 'pair',
+    opts: [],
+    custom: {
+      rblock: (p) => ['compare', '-f', 'raw', '-F', 'raw', p.old, p.same],
+      peer: (p) => ['qemu-img', 'compare', '-f', 'raw', '-F', 'raw', p.old, p.same],
+      exits: [0],
+      verify: () => '',
+    },
+  },
+  {
+    key: 'compare-all',
+    name: 'compare listing all (peer: reads all)',
+    src: 'pair',
+    opts: [],
+    custom: {
+      rblock: (p) => ['compare', '-f', 'raw', '-F', 'raw', '--output', 'json', p.old, p.new],
+      peer: (p) => ['qemu-img', 'compare', '-f', 'raw', '-F', 'raw', p.old, p.same],
+      exits: [0, 1],
+      verify: (p, outR) => {
+        const r = compareJson(`${outR}.stdout`);
+        const q = run('sh', ['-c', `qemu-img compare -f raw -F raw '${p.old}' '${p.new}'; test $? -eq 1`]);
+        const first = /Content mismatch at offset (\d+)!/.exec(q)?.[1];
+        if (r.changedSectors !== p.changed) return `rblock found ${r.changedSectors} changed sectors, ${p.changed} were changed`;
+        if (String(r.firstMismatch) !== first) return `first mismatch ${r.firstMismatch}, qemu-img says ${first}`;
+        return '';
+      },
+    },
+  },
+  {
+    key: 'delta',
+    name: 'delta (peer: create -b + rebase)',
+    src: 'pair',
+    out: 'qcow2',
+    opts: [],
+    custom: {
+      rblock: (p, out) => ['delta', '--base', p.old, '--target', p.new, '-o', out, '-q'],
+      peer: (p, out) => [
+        'sh',
+        '-c',
+        `qemu-img create -q -f qcow2 -b '${p.new}' -F raw '${out}' && qemu-img rebase -q -f qcow2 -b '${p.old}' -F raw '${out}'`,
+      ],
+      exits: [0],
+      verify: (p, outR, outQ) => {
+        const bad: string[] = [];
+        for (const [who, out] of [
+          ['rblock', outR],
+          ['qemu-img', outQ],
+        ] as const) {
+          const c = identical(p.new, 'raw', out, 'qcow2');
+          if (c !== '') bad.push(`${who}: ${c}`);
+          try {
+            run('qemu-img', ['check', '-q', out]);
+          } catch (e) {
+            bad.push(`${who}: qemu-img check: ${(e as Error).message.split('\n')[0]}`);
+          }
+        }
+        return bad.join('; ');
+      },
+    },
+  },
+];
 
 export const OPS: Op[] = [
   { key: 'convert-qcow2', name: 'convert raw -> qcow2', src: 'mix', out: 'qcow2', opts: ['-O', 'qcow2'] },
@@ -88,10 +211,38 @@ export const OPS: Op[] = [
     opts: ['-O', 'vmdk', '-o', 'subformat=monolithicSparse'],
   },
   { key: 'vmdk-raw', name: 'convert vmdk -> raw', src: 'vmdk', out: 'raw', opts: ['-O', 'raw'] },
+  ...COMPARE_OPS,
 ];
 
 const MIX_VERSION = 'mix-v1';
 const FULL_VERSION = 'full-v1';
+const PAIR_VERSION = 'pair-v1';
+
+/**
+ * The new disk of the pair: a sparse copy of `old` with one byte flipped in
+ * 1% of its 512-byte sectors (seeded). Returns how many sectors changed.
+ */
+function makeChanged(old: string, path: string): number {
+  run('cp', ['--sparse=always', old, path]);
+  const rnd = prng(0x1ce);
+  const fd = openSync(path, 'r+');
+  const byte = Buffer.alloc(1);
+  let changed = 0;
+  try {
+    const sectors = Math.ceil(fstatSync(fd).size / 512);
+    for (let s = 0; s < sectors; s++) {
+      if (rnd() >= 0.01) continue;
+      const at = s * 512 + Math.floor(rnd() * 512);
+      readSync(fd, byte, 0, 1, at);
+      byte[0] = (byte[0] as number) ^ 0xff; // every bit flipped: always a change
+      writeSync(fd, byte, 0, 1, at);
+      changed++;
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return changed;
+}
 
 function ready(path: string, version: string, make: () => string, log: (s: string) => void): ImageFacts {
   const hit = cached(path, version);
@@ -109,11 +260,12 @@ function ready(path: string, version: string, make: () => string, log: (s: strin
 }
 
 /** The sources the selected ops need, built (or found cached) in the scratch directory. */
-function sources(ctx: OpsContext, need: Set<Source>): { paths: Map<Source, string>; images: ImageFacts[] } {
+function sources(ctx: OpsContext, need: Set<Source>): { paths: Map<Source, string>; images: ImageFacts[]; pair: Pair | null } {
   const paths = new Map<Source, string>();
   const images: ImageFacts[] = [];
+  let pair: Pair | null = null;
   const dir = ctx.scratch;
-  const needMix = need.has('mix') || need.has('qcow2') || need.has('vpc') || need.has('vmdk');
+  const needMix = need.has('mix') || need.has('qcow2') || need.has('vpc') || need.has('vmdk') || need.has('pair');
   if (needMix) {
     const q = ensureReadImage(dir);
     paths.set('qcow2', q.path);
@@ -148,6 +300,32 @@ function sources(ctx: OpsContext, need: Set<Source>): { paths: Map<Source, strin
       );
       paths.set(s, p);
     }
+    if (need.has('pair')) {
+      const changedPath = join(dir, 'mix-2g-changed.raw');
+      const samePath = join(dir, 'mix-2g-same.raw');
+      const ch = ready(
+        changedPath,
+        PAIR_VERSION,
+        () => `mix-2g.raw with one byte flipped in ${makeChanged(mix, changedPath)} sectors (1%, seeded), sparse`,
+        ctx.log,
+      );
+      const same = ready(
+        samePath,
+        PAIR_VERSION,
+        () => {
+          run('cp', ['--sparse=always', mix, samePath]);
+          return 'a sparse copy of mix-2g.raw';
+        },
+        ctx.log,
+      );
+      images.push(ch, same);
+      const changed = Number(/flipped in (\d+) sectors/.exec(ch.description)?.[1]);
+      if (!(changed > 0)) throw new Error(`${changedPath}: no sector count in its description: ${ch.description}`);
+      pair = { old: mix, new: changedPath, same: samePath, changed };
+      // Into the page cache once, untimed: the first timed run (rblock's) would otherwise pay for both tools.
+      run('sh', ['-c', `cat '${mix}' '${changedPath}' '${samePath}' > /dev/null`]);
+      paths.set('pair', changedPath);
+    }
   }
   if (need.has('full')) {
     const p = join(dir, 'full-8g.qcow2');
@@ -172,7 +350,7 @@ function sources(ctx: OpsContext, need: Set<Source>): { paths: Map<Source, strin
     );
     paths.set('full', p);
   }
-  return { paths, images };
+  return { paths, images, pair };
 }
 
 /** qemu-img compare SRC OUT; "" when identical, else the reason. */
@@ -185,36 +363,56 @@ function identical(src: string, srcFmt: string, out: string, outFmt: string): st
   }
 }
 
-async function bench(ctx: OpsContext, op: Op, src: string): Promise<OpRow> {
+async function bench(ctx: OpsContext, op: Op, src: string, pair: Pair | null): Promise<OpRow> {
   const rounds = ctx.rounds ?? (op.slow === true ? 1 : 3);
   const srcFmt = SRC_FMT[op.src];
-  const ext = op.out === 'vpc' ? 'vhd' : (op.out ?? '');
+  const ext = op.out === 'vpc' ? 'vhd' : (op.out ?? 'out');
   const outR = join(ctx.scratch, `ops-rblock.${ext}`);
   const outQ = join(ctx.scratch, `ops-qemu.${ext}`);
+  const custom = op.custom;
+  if (custom !== undefined && pair === null) throw new Error(`${op.key}: no compare pair was prepared`);
+  // Each tool's whole argv.
   const rb = (out: string): string[] =>
-    op.out === undefined ? [ctx.rblock, 'check', '-f', srcFmt, src] : [ctx.rblock, 'convert', '-f', srcFmt, ...op.opts, src, out];
+    custom !== undefined
+      ? [process.execPath, ctx.rblock, ...custom.rblock(pair as Pair, out)]
+      : op.out === undefined
+        ? [process.execPath, ctx.rblock, 'check', '-f', srcFmt, src]
+        : [process.execPath, ctx.rblock, 'convert', '-f', srcFmt, ...op.opts, src, out];
   const qi = (out: string): string[] =>
-    op.out === undefined ? ['check', '-f', srcFmt, src] : ['convert', '-f', srcFmt, ...op.opts, src, out];
+    custom !== undefined
+      ? custom.peer(pair as Pair, out)
+      : op.out === undefined
+        ? ['qemu-img', 'check', '-f', srcFmt, src]
+        : ['qemu-img', 'convert', '-f', srcFmt, ...op.opts, src, out];
   const clean = (): void => {
-    rmSync(outR, { force: true });
-    rmSync(outQ, { force: true });
+    for (const f of [outR, outQ, `${outR}.stdout`, `${outQ}.stdout`]) rmSync(f, { force: true });
   };
-  const opts = { scratch: ctx.scratch, env: ctx.env };
+  const opts = (out: string) => ({
+    scratch: ctx.scratch,
+    env: ctx.env,
+    stdoutPath: `${out}.stdout`,
+    ...(custom !== undefined ? { exits: custom.exits } : {}),
+  });
   const ra: RunResult[] = [];
   const rq: RunResult[] = [];
   let check = '';
   clean();
   for (let i = 0; i < rounds; i++) {
     sync();
-    ra.push(await timedRun(process.execPath, rb(outR), opts));
+    const [ca, ...aa] = rb(outR) as [string, ...string[]];
+    ra.push(await timedRun(ca, aa, opts(outR)));
     sync();
-    rq.push(await timedRun('qemu-img', qi(outQ), opts));
+    const [cq, ...aq] = qi(outQ) as [string, ...string[]];
+    rq.push(await timedRun(cq, aq, opts(outQ)));
     ctx.log(
       `  ${op.key} round ${i + 1}/${rounds}: rblock ${(ra[i]!.ms / 1000).toFixed(3)} s ${(ra[i]!.rssKiB / 1024).toFixed(1)} MiB, ` +
         `qemu-img ${(rq[i]!.ms / 1000).toFixed(3)} s ${(rq[i]!.rssKiB / 1024).toFixed(1)} MiB`,
     );
     if (i === 0) {
-      if (op.out === undefined) {
+      if (custom !== undefined) {
+        const why = custom.verify(pair as Pair, outR, outQ);
+        check = why === '' ? `both exit ${custom.exits.join(' or ')}, results checked` : `RESULT WRONG: ${why}`;
+      } else if (op.out === undefined) {
         check = 'both exit 0 (no errors)';
       } else {
         // A fixed or dynamic VHD may be probed as raw: name the format.
@@ -237,8 +435,8 @@ export async function benchOps(ctx: OpsContext, want: (key: string) => boolean):
   const ops = OPS.filter((o) => want(o.key));
   if (ops.length === 0) return { rows: [], images: [] };
   ctx.log('ops images: preparing...');
-  const { paths, images } = sources(ctx, new Set(ops.map((o) => o.src)));
+  const { paths, images, pair } = sources(ctx, new Set(ops.map((o) => o.src)));
   const rows: OpRow[] = [];
-  for (const op of ops) rows.push(await bench(ctx, op, paths.get(op.src)!));
+  for (const op of ops) rows.push(await bench(ctx, op, paths.get(op.src)!, pair));
   return { rows, images };
 }

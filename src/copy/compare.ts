@@ -137,6 +137,12 @@ export interface PairedOptions {
   total: number;
   /** Windows read ahead of the one the consumer holds (default READ_AHEAD). */
   readAhead?: number;
+  /**
+   * The consumer never looks at a side's bytes where its extents read as
+   * zeros (compare passes null there): leave them unfilled. Otherwise they are
+   * zero-filled, so a window's buffer is the guest content throughout.
+   */
+  zerosUnread?: boolean;
   /** Called to count bytes read. */
   onRead?: (n: number) => void;
 }
@@ -191,13 +197,27 @@ export async function* pairedWindows(a: BlockDevice, b: BlockDevice, o: PairedOp
     if (have < len) ext.push({ offset: offset + have, length: len - have, zero: true, hole: true, allocated: false, absent: true });
     if (ext.every((e) => e.zero)) return { ext, data: null };
     const buf = bufferOf(slot, key).subarray(0, len);
-    try {
-      await dev.pread(buf.subarray(0, have), offset);
-    } catch (e) {
-      throw new CompareError('read', e);
+    // Only the runs of extents with data are read: reading a hole costs the same copy as data
+    // (from the kernel's zero page), and most windows of a sparse disk are part data, part holes.
+    let i = 0;
+    while (i < ext.length) {
+      const e = ext[i] as WindowExtent;
+      if (e.zero) {
+        if (!o.zerosUnread) buf.fill(0, e.offset - offset, e.offset - offset + e.length);
+        i++;
+        continue;
+      }
+      let end = e.offset + e.length;
+      while (i + 1 < ext.length && !(ext[i + 1] as WindowExtent).zero)
+        end = (ext[++i] as WindowExtent).offset + (ext[i] as WindowExtent).length;
+      i++;
+      try {
+        await dev.pread(buf.subarray(e.offset - offset, end - offset), e.offset);
+      } catch (err) {
+        throw new CompareError('read', err);
+      }
+      o.onRead?.(end - e.offset);
     }
-    o.onRead?.(have);
-    if (have < len) buf.fill(0, have);
     return { ext, data: buf };
   };
 
@@ -369,6 +389,7 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, o: CompareOp
     ? pairedWindows(a, b, {
         window: win,
         total,
+        zerosUnread: true,
         onRead: (n) => (bytesRead += n),
         ...(o.readAhead !== undefined ? { readAhead: o.readAhead } : {}),
       })

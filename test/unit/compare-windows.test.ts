@@ -6,8 +6,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
 import { memoryDevice } from '../../src/block/memory.js';
 import { compareImages, SECTOR } from '../../src/copy/compare.js';
+import { openImage } from '../../src/formats/registry.js';
+import { scratchDir } from '../helpers/tools.js';
 
 function prng(seed: number): () => number {
   let s = seed >>> 0;
@@ -49,5 +53,58 @@ test('compareImages: same ranges for every window size and read-ahead', async ()
     const first = await compareImages(memoryDevice(a), memoryDevice(b), { readAhead: 0, window: 4 << 20, stopAtFirst: true });
     assert.equal(first.firstMismatch, 0);
     assert.equal(first.identical, false);
+  }
+});
+
+/** A sparse raw file of `data`: only its non-zero 4 KiB blocks are written, the rest stay holes. */
+function sparseFile(path: string, data: Buffer): void {
+  const fd = openSync(path, 'w');
+  try {
+    for (let i = 0; i < data.length; i += 4096) {
+      const block = data.subarray(i, Math.min(data.length, i + 4096));
+      if (block.some((x) => x !== 0)) writeSync(fd, block, 0, block.length, i);
+    }
+    writeSync(fd, Buffer.alloc(1), 0, 1, data.length - 1);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+test('compareImages: holes on one side, data (and stale window buffers) on the other', async () => {
+  using s = scratchDir();
+  const rnd = prng(9);
+  const size = 3 * 1024 * 1024;
+  // A: data in the even 64 KiB blocks, holes in the odd ones; B: data in the odd ones, except
+  // block 5 (a hole in A, zeros in B: equal) and block 8 (A's data with one byte changed).
+  const a = Buffer.alloc(size);
+  const b = Buffer.alloc(size);
+  for (let blk = 0; blk < size / 65536; blk++) {
+    const target = blk % 2 === 0 ? a : b;
+    for (let i = blk * 65536; i < (blk + 1) * 65536; i++) target[i] = 1 + Math.floor(rnd() * 255);
+  }
+  b.fill(0, 5 * 65536, 6 * 65536);
+  b.set(a.subarray(8 * 65536, 9 * 65536), 8 * 65536);
+  b[8 * 65536 + 700] = (b[8 * 65536 + 700] as number) ^ 1;
+  sparseFile(join(s.dir, 'a.raw'), a);
+  // B written whole: its zeros are data (allocated), so A's holes face data in every window.
+  writeFileSync(join(s.dir, 'b.raw'), b);
+  const want: number[] = [];
+  for (let sec = 0; sec < size / SECTOR; sec++) {
+    if (a.compare(b, sec * SECTOR, (sec + 1) * SECTOR, sec * SECTOR, (sec + 1) * SECTOR) !== 0) want.push(sec);
+  }
+  assert.ok(want.length > 1000 && want.includes((8 * 65536 + 700) >> 9));
+  for (const o of [
+    {},
+    { readAhead: 0, window: 64 << 10 },
+    { readAhead: 0, window: 4 << 20 },
+    { readAhead: 0, window: 192 << 10 },
+    { readAhead: 2, window: 192 << 10 },
+  ]) {
+    await using da = await openImage(join(s.dir, 'a.raw'), { format: 'raw' });
+    await using db = await openImage(join(s.dir, 'b.raw'), { format: 'raw' });
+    const r = await compareImages(da, db, o);
+    const sectors = r.ranges.flatMap((x) => Array.from({ length: Math.ceil(x.length / SECTOR) }, (_, k) => x.start / SECTOR + k));
+    assert.deepEqual(sectors, want, `options ${JSON.stringify(o)}`);
+    assert.ok(r.bytesRead < 2 * size, `holes are not read (${r.bytesRead} bytes read)`);
   }
 });
