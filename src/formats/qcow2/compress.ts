@@ -8,12 +8,9 @@
  * ships inside the npm package, so nothing is downloaded or compiled at install
  * time (zstd-napi fetches a prebuilt binary or falls back to node-gyp).
  */
-import { constants, deflateRaw, inflateRaw } from 'node:zlib';
-import { promisify } from 'node:util';
+import { zlibCalls } from '../../util/zlib.js';
 import { BlockError, type ErrorContext } from '../../block/errors.js';
 import type { ZstdBatch } from './zstd-pool.js';
-
-const inflateRawAsync = promisify(inflateRaw);
 
 // The zstd library (its emscripten glue and wasm) and the compression worker
 // pool are loaded on first use only: most images have no zstd cluster, and
@@ -62,7 +59,8 @@ export async function decompressCluster(
     try {
       // Z_SYNC_FLUSH: accept input that ends without the stream's final block marker being seen
       // (the sector-rounded length may cut nothing, but garbage after the end is fine too).
-      out = await inflateRawAsync(input, { finishFlush: constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
+      const z = await zlibCalls();
+      out = await z.inflateRaw(input, { finishFlush: z.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
     } catch (e) {
       throw fail(ctx, e instanceof Error ? e.message : String(e), e);
     }
@@ -124,7 +122,6 @@ export function zstdFrameLength(buf: Uint8Array, maxContent: number): number | s
   return pos;
 }
 
-const deflateRawAsync = promisify(deflateRaw);
 let zstdPool: Promise<typeof import('./zstd-pool.js')> | null = null;
 
 /**
@@ -136,7 +133,7 @@ let zstdPool: Promise<typeof import('./zstd-pool.js')> | null = null;
 export async function compressCluster(type: number, data: Uint8Array): Promise<Uint8Array | null> {
   let out: Uint8Array;
   if (type === 0) {
-    out = await deflateRawAsync(data, { windowBits: 12, memLevel: 9 });
+    out = await (await zlibCalls()).deflateRaw(data, { windowBits: 12, memLevel: 9 });
     return out.length < data.length - 1 ? out : null;
   }
   const b = await compressClusters(type, [data]);

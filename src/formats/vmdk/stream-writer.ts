@@ -20,18 +20,15 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { basename } from 'node:path';
-import { promisify } from 'node:util';
-import { deflate as deflateCb } from 'node:zlib';
 import type { BlockDevice } from '../../block/device.js';
 import type { ConvertStats } from '../../copy/convert.js';
 import { BlockError, fromSystemError } from '../../block/errors.js';
 import { isZero } from '../../block/zero.js';
 import { dataView } from '../../util/bytes.js';
+import { zlibCalls } from '../../util/zlib.js';
 import * as C from './constants.js';
 import { DEFAULT_GRAIN_SECTORS, descriptorTemplate, EMBEDDED_DESCRIPTOR_SECTORS, randomCid, sparseHeaderBytes } from './create.js';
 import { extentsOf } from '../../copy/map.js';
-
-const deflate = promisify(deflateCb);
 
 /** Where the stream goes: bytes in order, nothing else. */
 export interface SequentialSink {
@@ -215,8 +212,8 @@ export class StreamOptimizedWriter {
   }
 
   /** Compress one grain (zlib stream, RFC 1950, as QEMU and VMware read it). Runs in the libuv pool. */
-  static compress(grain: Uint8Array): Promise<Uint8Array> {
-    return deflate(grain);
+  static async compress(grain: Uint8Array): Promise<Uint8Array> {
+    return (await zlibCalls()).deflate(grain);
   }
 
   /** Append grain number `index` (strictly increasing), already compressed. */

@@ -4,15 +4,12 @@
  * stream), and the footer that holds the real grain directory offset when the
  * header says GD_AT_END.
  */
-import { promisify } from 'node:util';
-import { inflate } from 'node:zlib';
 import { BlockError } from '../../block/errors.js';
 import type { HostFile } from '../../block/file.js';
 import { dataView } from '../../util/bytes.js';
+import { zlibCalls } from '../../util/zlib.js';
 import * as C from './constants.js';
 import { hasKdmvMagic, parseSparseHeader, type SparseHeader } from './header.js';
-
-const inflateAsync = promisify(inflate);
 
 export interface Marker {
   /** Byte offset of the marker in the file. */
@@ -120,7 +117,7 @@ export async function readCompressedGrain(
   }
   let out: Uint8Array;
   try {
-    out = await inflateAsync(data, { maxOutputLength: grainBytes });
+    out = await (await zlibCalls()).inflate(data, { maxOutputLength: grainBytes });
   } catch (e) {
     const msg =
       (e as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE'
