@@ -60,7 +60,7 @@ export async function decompressCluster(
       // Z_SYNC_FLUSH: accept input that ends without the stream's final block marker being seen
       // (the sector-rounded length may cut nothing, but garbage after the end is fine too).
       const z = await zlibCalls();
-      out = await z.inflateRaw(input, { finishFlush: z.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
+      out = z.inflateRawSync(input, { finishFlush: z.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize });
     } catch (e) {
       throw fail(ctx, e instanceof Error ? e.message : String(e), e);
     }

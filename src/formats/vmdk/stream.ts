@@ -117,7 +117,7 @@ export async function readCompressedGrain(
   }
   let out: Uint8Array;
   try {
-    out = await (await zlibCalls()).inflate(data, { maxOutputLength: grainBytes });
+    out = (await zlibCalls()).inflateSync(data, { maxOutputLength: grainBytes });
   } catch (e) {
     const msg =
       (e as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE'
