@@ -20,6 +20,7 @@
  */
 import type { BlockDevice } from '../../block/device.js';
 import { BlockError } from '../../block/errors.js';
+import { isZero } from '../../block/zero.js';
 import type { HostFile } from '../../block/file.js';
 import { dataView } from '../../util/bytes.js';
 import { Mutex } from '../../util/mutex.js';
@@ -154,7 +155,7 @@ export class VmdkWriter {
     const st = this.state.get(x) as SparseState;
     const capBytes = geo.capacity * C.SECTOR;
     const end = Math.min(pos + len, capBytes);
-    if (pos + len > capBytes && data !== null && !isAllZero(data.subarray(capBytes - pos))) {
+    if (pos + len > capBytes && data !== null && !isZero(data.subarray(capBytes - pos))) {
       throw new BlockError('invalid-argument', `${x.path}: write past the end of the sparse extent (${capBytes} bytes)`, {
         path: x.path,
         op: 'write',
@@ -322,11 +323,6 @@ async function writeJoined(file: HostFile, parts: Uint8Array[], at: number): Pro
     i = j;
   }
   await Promise.all(writes);
-}
-
-function isAllZero(b: Uint8Array): boolean {
-  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
-  return true;
 }
 
 /** Guest bytes of the parent (zeros past its end). */
