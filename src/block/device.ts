@@ -50,6 +50,16 @@ export interface Extent {
 /** What readNow filled: runs covering the read, those that read as zeros marked (their bytes are zeros too). */
 export type ReadRuns = Array<{ offset: number; length: number; zero: boolean }>;
 
+export interface ReadNowOpts {
+  /**
+   * false: the caller does not need the runs that read as zeros marked (it
+   * sends the bytes, or looks at them itself), so a device may report
+   * everything as data instead of finding its holes. For a sparse raw file
+   * finding them is two lseek calls, more than a small cached read costs.
+   */
+  holes?: boolean;
+}
+
 export interface BlockDevice extends AsyncDisposable {
   readonly size: number;
   readonly caps: Capabilities;
@@ -67,7 +77,7 @@ export interface BlockDevice extends AsyncDisposable {
    * Never throws for a problem pread would report: it returns null. For
    * servers, where the promise chain of a pread cost more than a cached read.
    */
-  readNow?(buf: Uint8Array, offset: number): ReadRuns | null;
+  readNow?(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null;
   /** Write buf entirely at offset, or throw. */
   pwrite(buf: Uint8Array, offset: number, opts?: IoOpts): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: IoOpts): Promise<void>;

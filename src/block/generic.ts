@@ -5,7 +5,7 @@
  * request splitting, and normalisation of block status answers.
  * Drivers therefore only implement what they really can.
  */
-import type { BlockDevice, Capabilities, Extent, IoOpts, ReadRuns } from './device.js';
+import type { BlockDevice, Capabilities, Extent, IoOpts, ReadNowOpts, ReadRuns } from './device.js';
 import { BlockError } from './errors.js';
 import { checkRange } from './ranges.js';
 import { zeroBuffer } from './zero.js';
@@ -21,7 +21,7 @@ export interface Driver {
   readonly caps?: Partial<Capabilities>;
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** See BlockDevice.readNow; the range is checked before. */
-  readNow?(buf: Uint8Array, offset: number): ReadRuns | null;
+  readNow?(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null;
   pwrite?(buf: Uint8Array, offset: number, opts: IoOpts): Promise<void>;
   writeZeroes?(offset: number, length: number, opts: IoOpts): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;
@@ -70,11 +70,11 @@ export class GenericDevice implements BlockDevice {
     checkRange(offset, length, this.size, ctx);
   }
 
-  readNow(buf: Uint8Array, offset: number): ReadRuns | null {
+  readNow(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null {
     if (this.closed || this.driver.readNow === undefined) return null;
     if (!Number.isSafeInteger(offset) || offset < 0 || offset + buf.length > this.size || buf.length === 0) return null;
     try {
-      return this.driver.readNow(buf, offset);
+      return this.driver.readNow(buf, offset, opts);
     } catch {
       // pread will say what is wrong
       return null;

@@ -6,7 +6,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import type { BlockDevice, Capabilities, Extent, IoOpts, ReadRuns } from '../block/device.js';
+import type { BlockDevice, Capabilities, Extent, IoOpts, ReadNowOpts, ReadRuns } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { GenericDevice, type Driver } from '../block/generic.js';
 import { isNbdUri } from '../nbd/uri.js';
@@ -109,7 +109,7 @@ export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number): R
     else if (run.kind === 'unallocated') {
       const b = layer.backing;
       const inBacking = backingBytes(b, dst.length, pos);
-      if (b !== null && inBacking > 0 && !b.readNow?.(dst.subarray(0, inBacking), pos)) return null;
+      if (b !== null && inBacking > 0 && !b.readNow?.(dst.subarray(0, inBacking), pos, NO_HOLES)) return null;
       if (inBacking < dst.length) dst.fill(0, inBacking);
       zero = inBacking === 0;
     } else if (!layer.readRunNow(dst, run, pos)) return null;
@@ -118,6 +118,9 @@ export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number): R
   }
   return pos === offset + buf.length ? out : null;
 }
+
+/** A backing device's bytes fill an unallocated run; which of them are zeros does not matter. */
+const NO_HOLES: ReadNowOpts = { holes: false };
 
 /** How much of `length` bytes at `offset` the backing device has (a shorter backing file reads as zeros past its end). */
 function backingBytes(b: BlockDevice | null, length: number, offset: number): number {

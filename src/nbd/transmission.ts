@@ -236,7 +236,10 @@ export class Transmission {
     }
     const held = this.pool.get(v.length);
     const buf = held.subarray(0, v.length);
-    const runs = (this.dev.readNow as NonNullable<BlockDevice['readNow']>).call(this.dev, buf, v.offset);
+    // Holes matter only where readReply sends them as hole chunks: structured, no DF, not small
+    // (a small read's zeros are found in its bytes; see read()).
+    const holes = this.structured && (req.flags & CmdFlag.DF) === 0 && v.length > SMALL_READ;
+    const runs = (this.dev.readNow as NonNullable<BlockDevice['readNow']>).call(this.dev, buf, v.offset, { holes });
     if (runs === null) {
       this.pool.put(held);
       return false;

@@ -113,3 +113,32 @@ test('readNow equals pread: sparse raw file', async (t) => {
   );
   assert.equal(answered, 5);
 });
+
+test('readNow with holes: false reports a sparse raw file as one data run, with the same bytes', async (t) => {
+  if (!needNative(t, 'readNow reads the page cache and finds holes through it')) return;
+  using s = scratchDir();
+  const path = join(s.dir, 'sparse.raw');
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, 4 * MiB);
+  writeSync(fd, pseudoRandom(64 * KiB, 5), 0, 64 * KiB, 1 * MiB);
+  closeSync(fd);
+  await using dev = await openImage(path, { format: 'raw', readOnly: true });
+  // A read across hole, data and hole: pread first so the pages are cached.
+  const [offset, length] = [1 * MiB - 32 * KiB, 128 * KiB];
+  const want = new Uint8Array(length);
+  await dev.pread(want, offset);
+  const withHoles = new Uint8Array(length).fill(0xee);
+  assert.deepEqual(
+    dev.readNow?.(withHoles, offset),
+    [
+      { offset, length: 32 * KiB, zero: true },
+      { offset: 1 * MiB, length: 64 * KiB, zero: false },
+      { offset: 1 * MiB + 64 * KiB, length: 32 * KiB, zero: true },
+    ],
+    'holes found by default',
+  );
+  assert.deepEqual(withHoles, want);
+  const noHoles = new Uint8Array(length).fill(0xee);
+  assert.deepEqual(dev.readNow?.(noHoles, offset, { holes: false }), [{ offset, length, zero: false }], 'one data run');
+  assert.deepEqual(noHoles, want, 'the holes read as zeros all the same');
+});

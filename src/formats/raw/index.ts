@@ -2,7 +2,7 @@
 import type { BlockDevice } from '../../block/device.js';
 import type { HostFile } from '../../block/file.js';
 import { GenericDevice, type Driver } from '../../block/generic.js';
-import type { Extent, IoOpts, ReadRuns } from '../../block/device.js';
+import type { Extent, IoOpts, ReadNowOpts, ReadRuns } from '../../block/device.js';
 import type { FormatDriver } from '../registry.js';
 
 export class RawDriver implements Driver {
@@ -22,8 +22,8 @@ export class RawDriver implements Driver {
     return this.file.readAt(buf, offset);
   }
 
-  readNow(buf: Uint8Array, offset: number): ReadRuns | null {
-    const runs = this.file.dataRuns(offset, buf.length) ?? [{ offset, length: buf.length, data: true }];
+  readNow(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null {
+    const runs = (opts?.holes === false ? null : this.file.dataRuns(offset, buf.length)) ?? [{ offset, length: buf.length, data: true }];
     for (const r of runs) {
       const dst = buf.subarray(r.offset - offset, r.offset - offset + r.length);
       if (!r.data) dst.fill(0);
