@@ -59,7 +59,8 @@ export interface FileBackend {
 
 /** See HostFile.useQuickWrites. */
 const SLOW_WRITE_MS = 5;
-const QUICK_BACKOFF_MS = 1000;
+const QUICK_BACKOFF_FACTOR = 20;
+const QUICK_BACKOFF_MAX_MS = 2000;
 
 /** Cleared for the process once the kernel refuses RWF_NOWAIT reads; RBLOCK_NO_NOWAIT=1 for A/B measurements. */
 let nowaitReads = process.env['RBLOCK_NO_NOWAIT'] !== '1';
@@ -258,8 +259,13 @@ export class HostFile {
    * a served qcow2: server CPU 3.0 -> 1.9 s, 3.4 -> 2.4 s of wall time; qemu-nbd
    * took 1.7 s and 3.1 s). A write that takes long (the kernel throttling
    * writers because too much is dirty, a slow disk) would stall every client,
-   * so after one slow write the next QUICK_BACKOFF_MS of writes go through
-   * the thread pool again. Reads: see readCached.
+   * so after a slow write the writes go through the thread pool again for
+   * QUICK_BACKOFF_FACTOR times as long as it took (at most
+   * QUICK_BACKOFF_MAX_MS): under steady throttling the event loop is then
+   * blocked by writes at most 1/21 of the time, while a one-off hiccup (a
+   * 5-10 ms write when the scheduler preempts us on a busy 2-core machine)
+   * costs 0.1-0.2 s of pool writes instead of a whole second, which cost
+   * nbdcopy writing 1 GiB about 0.5 s each time. Reads: see readCached.
    */
   useQuickWrites(): void {
     const fd = (this.fh as { fd?: unknown }).fd;
@@ -274,7 +280,7 @@ export class HostFile {
     const n = writeSync(this.quickFd as number, buf, done, len, pos);
     const took = performance.now() - t0;
     // Slow: longer than a page-cache copy at about 1 GB/s plus a few ms of slack.
-    if (took > SLOW_WRITE_MS + len / 1e6) this.quickPausedUntil = t0 + took + QUICK_BACKOFF_MS;
+    if (took > SLOW_WRITE_MS + len / 1e6) this.quickPausedUntil = t0 + took + Math.min(QUICK_BACKOFF_MAX_MS, took * QUICK_BACKOFF_FACTOR);
     return n;
   }
 
