@@ -90,16 +90,22 @@ test('readNow equals pread: qcow2 with a backing file, zero, compressed and unal
   assert.equal(dev.readNow?.(new Uint8Array(4096), 8 * MiB), null, 'past the end: declined (pread reports it)');
 });
 
+/** A sparse raw file of `size` bytes with `writes` ([bytes, offset]) as its only data, opened read-only. */
+async function sparseRaw(path: string, size: number, writes: ReadonlyArray<readonly [Uint8Array, number]>): Promise<BlockDevice> {
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, size);
+  for (const [b, at] of writes) writeSync(fd, b, 0, b.length, at);
+  closeSync(fd);
+  return openImage(path, { format: 'raw', readOnly: true });
+}
+
 test('readNow equals pread: sparse raw file', async (t) => {
   if (!needNative(t, 'readNow reads the page cache through it')) return;
   using s = scratchDir();
-  const path = join(s.dir, 'sparse.raw');
-  const fd = openSync(path, 'w');
-  ftruncateSync(fd, 16 * MiB);
-  writeSync(fd, pseudoRandom(3 * MiB, 9), 0, 3 * MiB, 4 * MiB);
-  writeSync(fd, Buffer.alloc(512, 0x77), 0, 512, 9 * MiB + 512);
-  closeSync(fd);
-  await using dev = await openImage(path, { format: 'raw', readOnly: true });
+  await using dev = await sparseRaw(join(s.dir, 'sparse.raw'), 16 * MiB, [
+    [pseudoRandom(3 * MiB, 9), 4 * MiB],
+    [Buffer.alloc(512, 0x77), 9 * MiB + 512],
+  ]);
   const answered = await compareReads(
     dev,
     [
@@ -117,12 +123,7 @@ test('readNow equals pread: sparse raw file', async (t) => {
 test('readNow with holes: false reports a sparse raw file as one data run, with the same bytes', async (t) => {
   if (!needNative(t, 'readNow reads the page cache and finds holes through it')) return;
   using s = scratchDir();
-  const path = join(s.dir, 'sparse.raw');
-  const fd = openSync(path, 'w');
-  ftruncateSync(fd, 4 * MiB);
-  writeSync(fd, pseudoRandom(64 * KiB, 5), 0, 64 * KiB, 1 * MiB);
-  closeSync(fd);
-  await using dev = await openImage(path, { format: 'raw', readOnly: true });
+  await using dev = await sparseRaw(join(s.dir, 'sparse.raw'), 4 * MiB, [[pseudoRandom(64 * KiB, 5), 1 * MiB]]);
   // A read across hole, data and hole: pread first so the pages are cached.
   const [offset, length] = [1 * MiB - 32 * KiB, 128 * KiB];
   const want = new Uint8Array(length);

@@ -42,12 +42,18 @@ export class SwappedTable {
 /** A stored refcount block decoded to native-endian numbers (widths 8, 16 and 32 only). */
 export type NativeRefs = Uint8Array | Uint16Array | Uint32Array;
 
-/** Decode a refcount block of `bits`-wide big-endian entries, or null for the widths without a native array. */
-export function decodeRefblock(raw: Uint8Array, bits: number): NativeRefs | null {
+/**
+ * Decode a refcount block of `bits`-wide big-endian entries, or null for the
+ * widths without a native array; into `reuse` when it has the right type and
+ * length (the previous result then changes).
+ */
+export function decodeRefblock(raw: Uint8Array, bits: number, reuse: NativeRefs | null = null): NativeRefs | null {
   if (!NATIVE_LE) return null;
   if (bits === 8) return raw;
   if (bits !== 16 && bits !== 32) return null;
-  const out = bits === 16 ? new Uint16Array(raw.length / 2) : new Uint32Array(raw.length / 4);
+  const fits =
+    reuse !== null && reuse.byteLength === raw.length && (bits === 16 ? reuse instanceof Uint16Array : reuse instanceof Uint32Array);
+  const out = fits ? reuse : bits === 16 ? new Uint16Array(raw.length / 2) : new Uint32Array(raw.length / 4);
   const b = Buffer.from(out.buffer, 0, raw.length);
   b.set(raw);
   if (bits === 16) b.swap16();
@@ -55,10 +61,12 @@ export function decodeRefblock(raw: Uint8Array, bits: number): NativeRefs | null
   return out;
 }
 
-/** Whether a[0, n) equals b[from, from + n) (same element type): a native memcmp. */
-export function sameRange(a: NativeRefs, b: NativeRefs, from: number, n: number): boolean {
+/** Whether a[aFrom, aFrom + n) equals b[bFrom, bFrom + n) (same element type): a native memcmp. */
+export function sameRange(a: NativeRefs, aFrom: number, b: NativeRefs, bFrom: number, n: number): boolean {
   const w = a.BYTES_PER_ELEMENT;
-  return Buffer.compare(Buffer.from(a.buffer, a.byteOffset, n * w), Buffer.from(b.buffer, b.byteOffset + from * w, n * w)) === 0;
+  return (
+    Buffer.compare(Buffer.from(a.buffer, a.byteOffset + aFrom * w, n * w), Buffer.from(b.buffer, b.byteOffset + bFrom * w, n * w)) === 0
+  );
 }
 
 /** What check_refcounts_l2 carries from entry to entry of the active L1's tables. */
@@ -73,21 +81,25 @@ export interface L2Tally {
  * check_refcounts_l2 over standard L2 entries (no extended L2, no external
  * data file) from entry `from`: zero entries are skipped, and data clusters
  * with no flag but COPIED, aligned, inside the file (cluster k, 0 < k < nb)
- * and below the refcount maximum are counted in the IMRT (and, for the
- * active L1, in `tally`). Returns the first entry index (< n) it did not
+ * and below the refcount maximum are counted in the IMRT if they are in its
+ * window (imrt.base <= k < winEnd), and for the active L1 in `tally`
+ * whatever the window. Returns the first entry index (< n) it did not
  * handle, or n.
  */
 export function countL2(
   e: Int32Array,
   from: number,
   n: number,
-  imrt: Uint8Array | Uint16Array | Uint32Array | Float64Array,
-  max: number,
+  counts: { readonly data: Uint8Array | Uint16Array | Uint32Array | Float64Array; readonly max: number; readonly base: number },
   nb: number,
+  winEnd: number,
   clusterBits: number,
   active: boolean,
   tally: L2Tally,
 ): number {
+  const imrt = counts.data;
+  const max = counts.max;
+  const base = counts.base;
   const hiScale = 2 ** (32 - clusterBits);
   const alignMask = 2 ** clusterBits - 1; // also covers bits 0..8: the zero flag and reserved bits
   const cs = 2 ** clusterBits;
@@ -104,9 +116,11 @@ export function countL2(
     if ((hi & 0x7f00_0000) !== 0 || (lo & alignMask) !== 0) break; // compressed, reserved bits, zero flag, unaligned
     const k = (hi & 0xff_ffff) * hiScale + (lo >>> clusterBits);
     if (k === 0 || k >= nb) break;
-    const r = imrt[k] as number;
-    if (r === max) break; // the general path reports the overflow
-    imrt[k] = r + 1;
+    if (k >= base && k < winEnd) {
+      const r = imrt[k - base] as number;
+      if (r === max) break; // the general path reports the overflow
+      imrt[k - base] = r + 1;
+    }
     if (active) {
       allocated++;
       if (nk !== -1 && k !== nk) fragmented++;

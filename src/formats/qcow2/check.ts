@@ -77,8 +77,20 @@ export interface CheckOptions {
   repair?: RepairMode;
   /** One line per finding, as qemu-img prints them on stderr (no newline). */
   log?: (line: string) => void;
-  /** Refuse images whose in-memory refcount array would need more bytes than this (default 1 GiB). */
+  /**
+   * A repair needs the whole refcount array in memory: refuse to repair
+   * images whose array would need more bytes than this (default 1 GiB).
+   */
   maxMemory?: number;
+  /**
+   * Without a repair, references are counted in windows of host clusters
+   * whose array takes at most this many bytes (default 64 MiB), the
+   * metadata being read once per window: memory stays bounded whatever the
+   * file's size. Findings and counts are the same; only per-cluster errors
+   * found while counting (refcount overflows, shared refcount blocks) of
+   * later windows come after the earlier windows' leak and corruption lines.
+   */
+  windowBytes?: number;
   /** Called before every write a repair makes; throwing stops the repair there (tests simulate a crash). */
   onWrite?: (offset: number, length: number) => void;
   /**
@@ -124,6 +136,7 @@ export function emptyCounts(): CheckCounts {
 }
 
 const DEFAULT_MAX_MEMORY = 1 << 30;
+const DEFAULT_WINDOW_BYTES = 64 << 20;
 const TWO32 = 2 ** 32;
 const EIO = 'Input/output error';
 
@@ -169,8 +182,9 @@ function entryOffset(hi: number, lo: number): number {
 }
 
 /**
- * The in-memory refcount array: one counter per host cluster, saturating
- * at the image's refcount maximum like qemu's (an overflow is a corruption).
+ * The in-memory refcount array: one counter per host cluster of
+ * [base, base + size), saturating at the image's refcount maximum like
+ * qemu's (an overflow is a corruption). `data[k - base]` counts cluster k.
  */
 class RefArray {
   data: Uint8Array | Uint16Array | Uint32Array | Float64Array;
@@ -180,10 +194,16 @@ class RefArray {
   constructor(
     private readonly bits: number,
     size: number,
+    readonly base = 0,
+    /** An array of this width to reuse (zeroed here) when it is big enough. */
+    reuse: RefArray['data'] | null = null,
   ) {
     this.max = bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
     this.size = size;
-    this.data = RefArray.alloc(bits, size + 1);
+    if (reuse !== null && reuse.length >= size + 1) {
+      reuse.fill(0);
+      this.data = reuse;
+    } else this.data = RefArray.alloc(bits, size + 1);
   }
 
   private static alloc(bits: number, n: number): Uint8Array | Uint16Array | Uint32Array | Float64Array {
@@ -194,22 +214,24 @@ class RefArray {
   }
 
   get(i: number): number {
-    return i < this.size ? (this.data[i] as number) : 0;
+    const j = i - this.base;
+    return j >= 0 && j < this.size ? (this.data[j] as number) : 0;
   }
 
-  /** Make entries [0, n) addressable (new ones are 0). */
+  /** Make clusters [base, n) addressable (new ones are 0). */
   ensure(n: number): void {
-    if (n > this.data.length) {
-      const grown = RefArray.alloc(this.bits, Math.max(n, Math.ceil(this.data.length * 1.5)));
+    const m = n - this.base;
+    if (m > this.data.length) {
+      const grown = RefArray.alloc(this.bits, Math.max(m, Math.ceil(this.data.length * 1.5)));
       grown.set(this.data);
       this.data = grown;
     }
-    if (n > this.size) this.size = n;
+    if (m > this.size) this.size = m;
   }
 
   set(i: number, v: number): void {
     this.ensure(i + 1);
-    this.data[i] = v;
+    this.data[i - this.base] = v;
   }
 }
 
@@ -250,6 +272,7 @@ class RefTable {
 /** Stored refcounts, read through the refcount table like qemu's qcow2_get_refcount, with a small block cache. */
 class StoredRefcounts {
   private readonly cache = new Map<number, Uint8Array>();
+  private spare: Uint8Array | null = null;
   private lastT = -1;
   private lastBlock: Uint8Array | null | 'unaligned' = null;
 
@@ -289,10 +312,17 @@ class StoredRefcounts {
       this.cache.set(off, b);
       return b;
     }
-    b = new Uint8Array(this.cs);
+    // The block evicted last is read into again: a fresh array per block left the external
+    // memory of every evicted one to the GC, growing with the image (32 MiB for 1 TiB).
+    b = this.spare ?? new Uint8Array(this.cs);
+    this.spare = null;
     await this.file.readAt(b, off);
     this.cache.set(off, b);
-    if (this.cache.size > 64) this.cache.delete(this.cache.keys().next().value as number);
+    if (this.cache.size > 64) {
+      const oldest = this.cache.keys().next().value as number;
+      this.spare = this.cache.get(oldest) ?? null;
+      this.cache.delete(oldest);
+    }
     return b;
   }
 
@@ -307,17 +337,20 @@ class StoredRefcounts {
 
   private nativeT = -1;
   private nativeRefs: NativeRefs | null = null;
+  private nativeBuf: NativeRefs | null = null;
 
   /**
    * The stored refcounts of block t decoded to native numbers (see
    * check-fast.ts), or null where there is none (no block, an unusable one,
-   * a width without a native array). Decoded once per block in a row.
+   * a width without a native array). Decoded once per block in a row, into
+   * one reused array: valid until the next call.
    */
   async native(t: number): Promise<NativeRefs | null> {
     if (t === this.nativeT) return this.nativeRefs;
     const b = await this.block(t);
     this.nativeT = t;
-    this.nativeRefs = b instanceof Uint8Array ? decodeRefblock(b, this.bits) : null;
+    this.nativeRefs = b instanceof Uint8Array ? decodeRefblock(b, this.bits, this.nativeBuf) : null;
+    if (this.nativeRefs !== null && this.nativeRefs !== b) this.nativeBuf = this.nativeRefs;
     return this.nativeRefs;
   }
 
@@ -404,7 +437,15 @@ type ClusterType = 'compressed' | 'zero-plain' | 'zero-alloc' | 'normal' | 'unal
 
 /** One bdrv_check pass over an open qcow2 file. */
 class CheckPass {
-  readonly res = emptyCounts();
+  /** The pass's counts; while a later window is counted, a scratch set (see countWindows). */
+  res = emptyCounts();
+  private readonly realRes = this.res;
+  /** Where findings go; while a later window is counted, nowhere (they were reported with the first). */
+  private log: (line: string) => void;
+  /** Clusters [0, clusterEnd) are counted: the file's, and a last one a reference may reach past EOF. */
+  private clusterEnd = 0;
+  /** The window being counted ends before this cluster (Infinity: the last window, which may grow). */
+  private winEnd = Infinity;
   private readonly cs: number;
   private readonly bits: number;
   private readonly perBlock: number;
@@ -424,6 +465,7 @@ class CheckPass {
   private unsynced = false;
   private readonly tables: TableReader;
   private swappedTable: SwappedTable | null = null;
+  private l2Table: Uint8Array | null = null;
 
   /** The scratch table for the fast loops: one cluster, reused for every L2 table. */
   private swapped(): SwappedTable {
@@ -434,10 +476,11 @@ class CheckPass {
     private readonly file: HostFile,
     private h: Qcow2Header,
     private readonly fix: RepairMode | null,
-    private readonly log: (line: string) => void,
-    private readonly maxMemory: number,
+    private readonly realLog: (line: string) => void,
+    private readonly memory: { maxMemory: number; windowBytes: number },
     private readonly onWrite?: (offset: number, length: number) => void,
   ) {
+    this.log = realLog;
     this.cs = h.clusterSize;
     this.bits = 2 ** h.refcountOrder;
     this.perBlock = (this.cs * 8) / this.bits;
@@ -467,6 +510,8 @@ class CheckPass {
     try {
       await this.checkRefcounts();
     } finally {
+      this.res = this.realRes;
+      this.log = this.realLog;
       this.res.corruptions += snap.corruptions;
       this.res.corruptionsFixed += snap.corruptionsFixed;
     }
@@ -523,20 +568,32 @@ class CheckPass {
   private async checkRefcounts(): Promise<void> {
     const res = this.res;
     const nb = Math.ceil(this.file.size / this.cs);
-    const bytes = nb * Math.max(1, this.bits / 8);
+    const entryBytes = Math.max(1, this.bits / 8);
+    const bytes = nb * entryBytes;
     if (nb > 0x7fff_ffff) {
       res.checkErrors++;
       throw new CheckFailure('File too large');
     }
-    if (bytes > this.maxMemory) {
+    const window = Math.max(1, Math.floor(this.memory.windowBytes / entryBytes));
+    if (this.fix !== null && bytes > this.memory.maxMemory) {
       res.checkErrors++;
       throw new CheckFailure(
-        `the image file has ${nb} clusters of ${this.cs} bytes; counting their references would need ${Math.ceil(bytes / 2 ** 20)} MiB of memory, more than the limit of ${Math.floor(this.maxMemory / 2 ** 20)} MiB`,
+        `the image file has ${nb} clusters of ${this.cs} bytes; repairing it needs a refcount array of ${Math.ceil(bytes / 2 ** 20)} MiB in memory, more than the limit of ${Math.floor(this.memory.maxMemory / 2 ** 20)} MiB (a check without -r counts in bounded windows)`,
       );
     }
     res.totalClusters = Math.ceil((Math.floor(this.h.size / 512) * 512) / this.cs); // bs->total_sectors * 512
-    this.imrt = new RefArray(this.bits, nb);
     await this.loadTable();
+    this.highest = 0;
+    if (this.fix === null && nb > window) {
+      // Report only: count and compare one window of host clusters at a time (memory bounded).
+      await this.countWindows(nb, window);
+      await this.checkOflagCopied();
+      res.imageEndOffset = (this.highest + 1) * this.cs;
+      return;
+    }
+    this.imrt = new RefArray(this.bits, nb);
+    this.clusterEnd = nb;
+    this.winEnd = Infinity;
 
     await this.calculate();
     const pre = { ...res };
@@ -550,6 +607,7 @@ class CheckPass {
     if (this.fix !== null && (res.leaks > 0 || res.corruptions > 0 || this.bad.size > 0)) {
       Object.assign(res, pre);
       const fixedBad = this.fixErrors ? this.bad.size : 0;
+      this.highest = 0;
       const wrote = await this.compare(this.fix);
       if (wrote || fixedBad > 0) {
         try {
@@ -568,6 +626,36 @@ class CheckPass {
     }
     await this.checkOflagCopied();
     res.imageEndOffset = (this.highest + 1) * this.cs;
+  }
+
+  /**
+   * calculate + compare for clusters [base, base + window), window after
+   * window. The first window's pass reports everything calculate finds;
+   * later passes walk the same metadata again with findings and counts
+   * going to a scratch set, except what concerns their own clusters
+   * (inc's overflows, checkRefblocks' shared blocks), and each compare
+   * reports its own clusters, in cluster order as with one window.
+   */
+  private async countWindows(nb: number, window: number): Promise<void> {
+    let reuse: RefArray['data'] | null = null;
+    for (let base = 0; base < nb; base += window) {
+      const last = base + window >= nb;
+      this.imrt = new RefArray(this.bits, last ? nb - base : window, base, reuse);
+      reuse = this.imrt.data;
+      this.clusterEnd = nb;
+      this.winEnd = last ? Infinity : base + window;
+      if (base > 0) {
+        this.res = emptyCounts();
+        this.log = (): void => {};
+      }
+      try {
+        await this.calculate();
+      } finally {
+        this.res = this.realRes;
+        this.log = this.realLog;
+      }
+      await this.compare('report');
+    }
   }
 
   private async loadTable(): Promise<void> {
@@ -595,19 +683,24 @@ class CheckPass {
     }
     const first = Math.floor(offset / cs);
     const last = Math.floor((offset + size - 1) / cs);
+    if (last >= this.clusterEnd) this.clusterEnd = last + 1;
     const imrt = this.imrt;
-    for (let k = first; k <= last; k++) {
-      if (k >= imrt.size) imrt.ensure(k + 1);
-      const r = imrt.data[k] as number;
+    const base = imrt.base;
+    // Only the clusters of the window being counted (all of them with one window).
+    const to = Math.min(last, this.winEnd - 1);
+    for (let k = Math.max(first, base); k <= to; k++) {
+      if (k - base >= imrt.size) imrt.ensure(k + 1);
+      const r = imrt.data[k - base] as number;
       if (r === imrt.max) {
-        this.log(`ERROR: overflow cluster offset=0x${hex(k * cs)}`);
-        this.log(
+        // About this window's own cluster: reported in this window's pass.
+        this.realLog(`ERROR: overflow cluster offset=0x${hex(k * cs)}`);
+        this.realLog(
           'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing',
         );
-        this.res.corruptions++;
+        this.realRes.corruptions++;
         continue;
       }
-      imrt.data[k] = r + 1;
+      imrt.data[k - base] = r + 1;
     }
     return true;
   }
@@ -697,7 +790,9 @@ class CheckPass {
     const cs = this.cs;
     const res = this.res;
     const es = h.l2EntrySize;
-    const table = new Uint8Array(cs);
+    // One buffer for every L2 table of the pass: tables are checked one at a time, and a fresh
+    // cluster-sized array per table left GC-pending external memory growing with the image.
+    const table = (this.l2Table ??= new Uint8Array(cs));
     await this.readMeta(table, l2Offset, 'ERROR: I/O error in check_refcounts_l2');
     const dv = dataView(table);
     const x = 62 - (h.clusterBits - 8);
@@ -712,7 +807,7 @@ class CheckPass {
     const n = h.l2Entries;
     for (let i = 0; i < n; i++) {
       if (words !== null) {
-        i = countL2(words, i, n, this.imrt.data, this.imrt.max, nb, h.clusterBits, active, tally);
+        i = countL2(words, i, n, this.imrt, nb, this.winEnd, h.clusterBits, active, tally);
         if (i >= n) break;
       }
       const base = i * es;
@@ -847,7 +942,7 @@ class CheckPass {
     const t0 = this.table;
     // Zero entries (most of the table) change nothing unless the file has no cluster at all.
     const words =
-      this.imrt.size > 0 && t0.raw.byteOffset % 4 === 0 ? new Int32Array(t0.raw.buffer, t0.raw.byteOffset, t0.raw.length / 4) : null;
+      this.clusterEnd > 0 && t0.raw.byteOffset % 4 === 0 ? new Int32Array(t0.raw.buffer, t0.raw.byteOffset, t0.raw.length / 4) : null;
     for (let t = 0; t < t0.entries; t++) {
       if (words !== null) {
         t = nextNonZero(words, t, t0.entries);
@@ -869,7 +964,7 @@ class CheckPass {
         continue;
       }
       const cluster = off / this.cs;
-      if (cluster >= this.imrt.size) {
+      if (cluster >= this.clusterEnd) {
         this.res.corruptions++;
         this.log(`${this.fixErrors ? 'Repairing' : 'ERROR'} refcount block ${t} is outside image`);
         this.bad.set(t, { kind: 'outside' });
@@ -877,10 +972,12 @@ class CheckPass {
       }
       if (off !== 0) {
         this.inc(off, this.cs);
+        // Known only in the pass whose window holds the block's cluster: reported there.
+        if (cluster < this.imrt.base || cluster >= this.winEnd) continue;
         const r = this.imrt.get(cluster);
         if (r !== 1) {
-          this.log(`ERROR refcount block ${t} refcount=${r}`);
-          this.res.corruptions++;
+          this.realLog(`ERROR refcount block ${t} refcount=${r}`);
+          this.realRes.corruptions++;
           this.rebuild = true;
           this.bad.set(t, { kind: 'shared', cluster });
         }
@@ -891,20 +988,22 @@ class CheckPass {
   /**
    * compare_refcounts. In 'report' mode mismatches are counted; in a repair
    * mode the ones that mode fixes are counted as fixed (applyAll/applyLeaks
-   * write them). Returns whether anything is to be written.
+   * write them). Returns whether anything is to be written. Covers the
+   * clusters of the IMRT (one window of them; this.highest carries over).
    */
   private async compare(mode: 'report' | RepairMode): Promise<boolean> {
     const res = this.res;
     const imrt = this.imrt;
     let any = false;
-    this.highest = 0;
     const P = this.perBlock;
     const data = imrt.data;
+    const base = imrt.base;
+    const to = base + imrt.size;
     let block: Uint8Array | null | 'unaligned' = null;
     // Whether whole blocks were passed over as equal: their highest non-zero entry is found at the end.
     let skipped = false;
-    for (let k = 0; k < imrt.size; k++) {
-      if (k % P === 0 || k === 0) {
+    for (let k = base; k < to; k++) {
+      if (k % P === 0 || k === base) {
         const t = Math.floor(k / P);
         block = await this.stored.block(t);
         // Widths 8, 16 and 32: a block whose stored refcounts all equal the counted ones (the
@@ -912,8 +1011,9 @@ class CheckPass {
         // they agree, and take the per-cluster path from the first difference on.
         const refs = block instanceof Uint8Array ? await this.stored.native(t) : null;
         if (refs !== null) {
-          const end = Math.min(imrt.size, k + P);
-          if (sameRange(refs, data as NativeRefs, k, end - k)) {
+          const end = Math.min(to, (t + 1) * P);
+          const r0 = k - t * P; // k's index in the block (not 0 where a window starts inside it)
+          if (sameRange(refs, r0, data as NativeRefs, k - base, end - k)) {
             skipped = true;
             k = end - 1; // the loop's k++ moves to the next block
             continue;
@@ -921,8 +1021,8 @@ class CheckPass {
           let i = 0;
           let last = -1;
           for (; k + i < end; i++) {
-            const st = refs[i] as number;
-            if (st !== data[k + i]) break;
+            const st = refs[r0 + i] as number;
+            if (st !== data[k + i - base]) break;
             if (st !== 0) last = k + i;
           }
           if (last >= 0) this.highest = last;
@@ -939,7 +1039,7 @@ class CheckPass {
         continue;
       }
       const stored = block === null ? 0 : refEntry(block, k % P, this.bits);
-      const ref = data[k] as number;
+      const ref = data[k - base] as number;
       if (stored > 0 || ref > 0) this.highest = k;
       if (stored === ref) continue;
       let fixed: 'leak' | 'corruption' | null = null;
@@ -957,8 +1057,8 @@ class CheckPass {
     }
     if (skipped) {
       // In the blocks passed over stored equals counted: the highest cluster in use there is the highest non-zero count.
-      for (let k = imrt.size - 1; k > this.highest; k--) {
-        if (data[k] !== 0) {
+      for (let k = to - 1; k > this.highest && k >= base; k--) {
+        if (data[k - base] !== 0) {
           this.highest = k;
           break;
         }
@@ -1286,13 +1386,13 @@ async function pass(
   path: string,
   fix: RepairMode | null,
   log: (line: string) => void,
-  maxMemory: number,
+  memory: { maxMemory: number; windowBytes: number },
   syncIo: boolean,
   onWrite?: (offset: number, length: number) => void,
 ): Promise<CheckCounts> {
   const { file, header } = await openForCheck(path, fix === null, syncIo);
   try {
-    return await new CheckPass(file, header, fix, log, maxMemory, onWrite).run();
+    return await new CheckPass(file, header, fix, log, memory, onWrite).run();
   } finally {
     await file.close();
   }
@@ -1306,13 +1406,13 @@ async function pass(
  */
 export async function checkQcow2(path: string, opts: CheckOptions = {}): Promise<CheckOutcome> {
   const log = opts.log ?? ((): void => {});
-  const maxMemory = opts.maxMemory ?? DEFAULT_MAX_MEMORY;
+  const memory = { maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, windowBytes: opts.windowBytes ?? DEFAULT_WINDOW_BYTES };
   const fix = opts.repair ?? null;
   const syncIo = opts.syncIo === true;
   const wrap = (c: CheckCounts): ImageCheck => ({ filename: path, format: 'qcow2', ...c });
   let first: CheckCounts;
   try {
-    first = await pass(path, fix, log, maxMemory, syncIo, opts.onWrite);
+    first = await pass(path, fix, log, memory, syncIo, opts.onWrite);
   } catch (e) {
     if (e instanceof CheckFailure) return { check: null, repaired: null, failure: e.message };
     throw e;
@@ -1320,7 +1420,7 @@ export async function checkQcow2(path: string, opts: CheckOptions = {}): Promise
   if (first.corruptionsFixed === 0 && first.leaksFixed === 0) return { check: wrap(first), repaired: null, failure: null };
   const repaired = { leaks: first.leaksFixed, corruptions: first.corruptionsFixed };
   try {
-    const second = await pass(path, null, log, maxMemory, syncIo);
+    const second = await pass(path, null, log, memory, syncIo);
     second.leaksFixed = first.leaksFixed;
     second.corruptionsFixed = first.corruptionsFixed;
     return { check: wrap(second), repaired, failure: null };
