@@ -5,7 +5,16 @@
  * failed, 4 a read failed.
  */
 import { Option, type Command } from 'commander';
-import { compareExitCode, CompareError, compareImages, qemuStyleSummary, SECTOR, type CompareResult } from '../copy/compare.js';
+import {
+  compareExitCode,
+  CompareError,
+  compareImages,
+  qemuStyleSummary,
+  SECTOR,
+  type ByteRange,
+  type CompareResult,
+  type MismatchKind,
+} from '../copy/compare.js';
 import { openImage } from '../formats/registry.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { errorLine } from './errors.js';
@@ -21,55 +30,100 @@ export interface CompareCliOptions {
 }
 
 export async function runCompare(pathA: string, pathB: string, o: CompareCliOptions, io: Io, debug = false): Promise<number> {
+  const listing = o.quiet ? null : new RangeListing(o, io);
   let r: CompareResult;
   try {
-    r = await compareFiles(pathA, pathB, o);
+    r = await compareFiles(pathA, pathB, o, listing);
   } catch (e) {
     io.err(`rblock: ${errorLine(e).split('\n')[0]}\n`);
     if (debug && e instanceof Error && e.stack) io.err(`${e.stack}\n`);
     return compareExitCode(e);
   }
-  if (o.quiet) return r.identical ? 0 : 1;
-  const unit = o.sectors ? SECTOR : 1;
-  const ranges = r.ranges.map((x) => ({ start: x.start / unit, length: o.sectors ? Math.ceil(x.length / SECTOR) : x.length }));
-  if (o.output === 'json') {
-    const out = {
-      identical: r.identical,
-      firstMismatch: r.firstMismatch,
-      reason: r.reason,
-      unit: o.sectors ? 'sectors' : 'bytes',
-      ranges,
-      changedSectors: r.changedSectors,
-      changedBytes: r.changedBytes,
-      sizeA: r.sizeA,
-      sizeB: r.sizeB,
-      sizeMismatch: r.sizeMismatch,
-      strict: r.strict,
-    };
-    // One range per line: a long list stays readable and compact.
-    const text = JSON.stringify(out, null, 2).replace(/"ranges": \[[^\]]*\]/, () =>
-      ranges.length === 0 ? '"ranges": []' : `"ranges": [\n${ranges.map((x) => `    ${JSON.stringify(x)}`).join(',\n')}\n  ]`,
-    );
-    await io.out(text + '\n');
-  } else {
-    let text = qemuStyleSummary(r).join('\n') + '\n';
-    if (ranges.length > 0) {
-      text += `${(o.sectors ? 'Sector' : 'Offset').padEnd(16)}${o.sectors ? 'Count' : 'Length'}\n`;
-      await io.out(text);
-      text = '';
-      for (let i = 0; i < ranges.length; i += 4096) {
-        const chunk = ranges.slice(i, i + 4096).map((x) => `${String(x.start).padEnd(16)}${x.length}\n`);
-        await io.out(chunk.join(''));
-      }
-      const n = ranges.length;
-      text += `${n} differing range${n === 1 ? '' : 's'}, ${r.changedSectors} changed sector${r.changedSectors === 1 ? '' : 's'} (${r.changedBytes} bytes)\n`;
-    }
-    await io.out(text);
-  }
+  if (listing !== null) await listing.finish(r);
   return r.identical ? 0 : 1;
 }
 
-async function compareFiles(pathA: string, pathB: string, o: CompareCliOptions): Promise<CompareResult> {
+/**
+ * The output of compare, written as the ranges come (memory stays bounded
+ * however many there are: each window's are written before the next window
+ * is compared). The first lines need only where the images first differ and
+ * why, which is known before the first range is emitted.
+ */
+class RangeListing {
+  private pending: string[] = [];
+  private count = 0;
+  /** Image sizes, set once both are open. */
+  sizes = { sizeA: 0, sizeB: 0 };
+
+  constructor(
+    private readonly o: CompareCliOptions,
+    private readonly io: Io,
+  ) {}
+
+  private get json(): boolean {
+    return this.o.output === 'json';
+  }
+
+  /** The text before the first range, from what is known at that point. */
+  private head(firstMismatch: number | null, reason: MismatchKind | null, identical: boolean): string {
+    if (this.json) {
+      const keys = { identical, firstMismatch, reason, unit: this.o.sectors ? 'sectors' : 'bytes' };
+      return `{\n${Object.entries(keys)
+        .map(([k, v]) => `  ${JSON.stringify(k)}: ${JSON.stringify(v)},\n`)
+        .join('')}  "ranges": [`;
+    }
+    return qemuStyleSummary({ ...this.sizes, strict: this.o.strict ?? false, firstMismatch, reason }).join('\n') + '\n';
+  }
+
+  range(x: ByteRange, first: { offset: number; reason: MismatchKind }): void {
+    if (this.count === 0) {
+      this.pending.push(this.head(first.offset, first.reason, false));
+      if (!this.json) this.pending.push(`${(this.o.sectors ? 'Sector' : 'Offset').padEnd(16)}${this.o.sectors ? 'Count' : 'Length'}\n`);
+    }
+    const start = this.o.sectors ? x.start / SECTOR : x.start;
+    const length = this.o.sectors ? Math.ceil(x.length / SECTOR) : x.length;
+    // JSON: one range per line, a long list stays readable and compact.
+    this.pending.push(
+      this.json ? `${this.count === 0 ? '' : ','}\n    ${JSON.stringify({ start, length })}` : `${String(start).padEnd(16)}${length}\n`,
+    );
+    this.count++;
+  }
+
+  async flush(): Promise<void> {
+    if (this.pending.length === 0) return;
+    const text = this.pending.join('');
+    this.pending = [];
+    await this.io.out(text);
+  }
+
+  async finish(r: CompareResult): Promise<void> {
+    const n = this.count;
+    if (n === 0) this.pending.push(this.head(r.firstMismatch, r.reason, r.identical));
+    if (this.json) {
+      const tail = {
+        changedSectors: r.changedSectors,
+        changedBytes: r.changedBytes,
+        sizeA: r.sizeA,
+        sizeB: r.sizeB,
+        sizeMismatch: r.sizeMismatch,
+        strict: r.strict,
+      };
+      this.pending.push(n === 0 ? '],\n' : '\n  ],\n');
+      this.pending.push(
+        `${Object.entries(tail)
+          .map(([k, v]) => `  ${JSON.stringify(k)}: ${JSON.stringify(v)}`)
+          .join(',\n')}\n}\n`,
+      );
+    } else if (n > 0) {
+      this.pending.push(
+        `${n} differing range${n === 1 ? '' : 's'}, ${r.changedSectors} changed sector${r.changedSectors === 1 ? '' : 's'} (${r.changedBytes} bytes)\n`,
+      );
+    }
+    await this.flush();
+  }
+}
+
+async function compareFiles(pathA: string, pathB: string, o: CompareCliOptions, listing: RangeListing | null): Promise<CompareResult> {
   const open = async (p: string, format: string | undefined) => {
     try {
       // A batch command: synchronous host I/O (HostFile.useSyncIo), nothing else waits on the event loop.
@@ -80,6 +134,7 @@ async function compareFiles(pathA: string, pathB: string, o: CompareCliOptions):
   };
   await using a = await open(pathA, o.format);
   await using b = await open(pathB, o.secondFormat);
+  if (listing !== null) listing.sizes = { sizeA: a.size, sizeB: b.size };
   // Local images read synchronously: no read-ahead, bigger windows (see CompareOptions.readAhead).
   const local = !isNbdUri(pathA) && !isNbdUri(pathB);
   // -q prints nothing but the verdict: stop at the first difference, like qemu-img compare.
@@ -87,6 +142,9 @@ async function compareFiles(pathA: string, pathB: string, o: CompareCliOptions):
     strict: o.strict ?? false,
     stopAtFirst: o.quiet ?? false,
     ...(local ? { readAhead: 0, window: 4 << 20 } : {}),
+    ...(listing !== null
+      ? { collectRanges: false, onRange: (x, first) => listing.range(x, first), afterWindow: () => listing.flush() }
+      : {}),
   });
 }
 

@@ -15,7 +15,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdirSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import test from 'node:test';
 import { pattern, rng } from '../helpers/rng.js';
@@ -448,4 +448,36 @@ test('compare and delta against qemu-img', async (t) => {
     assert.match(over.stderr, /overwrite TARGET/);
     assert.deepEqual(readFileSync(join(dir, 'b.raw')), B);
   });
+});
+
+test('compare writes its list as it goes: 262,144 ranges in a 16 MiB heap', async () => {
+  // Every other sector of 256 MiB differs from zeros: one range per changed sector. Holding the
+  // list before printing it needed more than a 48 MiB heap (node aborted); it must now fit in 16.
+  using s = scratchDir();
+  const zeros = join(s.dir, 'zeros.raw');
+  const alt = join(s.dir, 'alt.raw');
+  writeFileSync(zeros, '');
+  run('truncate', ['-s', '256M', zeros]);
+  const chunk = Buffer.alloc(MiB);
+  for (let i = 0; i < MiB; i += 2 * SECTOR) chunk.fill(1, i, i + SECTOR);
+  const fd = openSync(alt, 'w');
+  try {
+    for (let i = 0; i < 256; i++) writeSync(fd, chunk);
+  } finally {
+    closeSync(fd);
+  }
+  const r = run(
+    process.execPath,
+    ['--max-old-space-size=16', RBLOCK, 'compare', '--output', 'json', '-f', 'raw', '-F', 'raw', zeros, alt],
+    {
+      check: false,
+    },
+  );
+  assert.equal(r.status, 1, r.stderr);
+  const j = JSON.parse(r.stdout) as CompareJson;
+  assert.equal(j.firstMismatch, 0);
+  assert.equal(j.changedSectors, 262_144);
+  assert.equal(j.ranges.length, 262_144);
+  assert.deepEqual(j.ranges[1], { start: 2 * SECTOR, length: SECTOR });
+  assert.deepEqual(j.ranges[262_143], { start: 256 * MiB - 2 * SECTOR, length: SECTOR });
 });
