@@ -322,6 +322,11 @@ class StoredRefcounts {
       const oldest = this.cache.keys().next().value as number;
       this.spare = this.cache.get(oldest) ?? null;
       this.cache.delete(oldest);
+      // 8-bit refcounts are used as they are read (native() returns the block itself): forget them.
+      if (this.spare !== null && this.spare === this.nativeRefs) {
+        this.nativeT = -1;
+        this.nativeRefs = null;
+      }
     }
     return b;
   }
