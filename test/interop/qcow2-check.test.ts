@@ -256,6 +256,15 @@ const LAYOUTS: Layout[] = [
   { name: '512-byte clusters', make: plain('-o', 'cluster_size=512') },
   { name: '2M clusters, 64-bit refcounts', make: plain('-o', 'cluster_size=2M,refcount_bits=64') },
   { name: '4K clusters, 1-bit refcounts', make: plain('-o', 'cluster_size=4096,refcount_bits=1'), oneBit: true },
+  {
+    // 8-bit refcounts are compared as read; 24 MiB in 512-byte clusters is ~96 refcount blocks,
+    // more than the 64 the check caches, so blocks are evicted and their buffers reused.
+    name: '512-byte clusters, 8-bit refcounts, 96 refcount blocks',
+    make: async (_dir, img) => {
+      await must('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=8', img, '64M']);
+      await must('qemu-io', ['-f', 'qcow2', ...io('write -P 0x11 32M 24M'), ...WRITES, img]);
+    },
+  },
   { name: 'compat 0.10', make: plain('-o', 'compat=0.10') },
   { name: 'extended L2', make: plain('-o', 'extended_l2=on') },
   {
