@@ -11,22 +11,12 @@ import { join } from 'node:path';
 import { memoryDevice } from '../../src/block/memory.js';
 import { compareImages, SECTOR } from '../../src/copy/compare.js';
 import { openImage } from '../../src/formats/registry.js';
+import { rng } from '../helpers/rng.js';
 import { scratchDir } from '../helpers/tools.js';
-
-function prng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 test('compareImages: same ranges for every window size and read-ahead', async () => {
   for (const seed of [1, 2, 3]) {
-    const rnd = prng(seed);
+    const rnd = rng(seed);
     const size = 9 * 1024 * 1024 + 3 * SECTOR; // not a whole number of windows
     const a = Buffer.alloc(size);
     for (let i = 0; i < size; i += 4096) if (rnd() < 0.5) a.fill(Math.floor(rnd() * 256), i, Math.min(size, i + 4096));
@@ -72,7 +62,7 @@ function sparseFile(path: string, data: Buffer): void {
 
 test('compareImages: holes on one side, data (and stale window buffers) on the other', async () => {
   using s = scratchDir();
-  const rnd = prng(9);
+  const rnd = rng(9);
   const size = 3 * 1024 * 1024;
   // A: data in the even 64 KiB blocks, holes in the odd ones; B: data in the odd ones, except
   // block 5 (a hole in A, zeros in B: equal) and block 8 (A's data with one byte changed).

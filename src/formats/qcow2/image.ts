@@ -358,15 +358,12 @@ export class Qcow2Layer implements Layer {
         pos = cEnd;
         continue;
       }
-      if ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0) throw this.reservedBits(dv, base, l2Off, idx, cStart);
-      const host = (hi & HI_OFFSET_MASK) * 2 ** 32 + ((lo & LO_OFFSET_MASK) >>> 0);
-      const allocated = host !== 0 || ((hi & 0x8000_0000) !== 0 && !own);
-      if (allocated && (host % cs !== 0 || host >= hostSize)) throw this.badHostOffset(host, hostSize, l2Off, idx, cStart, base);
+      const host = this.entryHost(dv, base, l2Off, idx, cStart, hostSize, own);
       if ((lo & 1) !== 0) {
         // A preallocated zero cluster keeps its host offset, and qemu-img map reports it. Offset 0
         // is "zero, unallocated" even with an external data file: there only COPIED marks 0 valid.
-        addRun(runs, pos, cEnd - pos, 'zero', host !== 0 ? host + (pos - cStart) : -1, file);
-      } else if (allocated) addRun(runs, pos, cEnd - pos, 'data', host + (pos - cStart), file);
+        addRun(runs, pos, cEnd - pos, 'zero', host > 0 ? host + (pos - cStart) : -1, file);
+      } else if (host >= 0) addRun(runs, pos, cEnd - pos, 'data', host + (pos - cStart), file);
       else addRun(runs, pos, cEnd - pos, 'unallocated', -1, '');
       pos = cEnd;
     }
@@ -423,15 +420,12 @@ export class Qcow2Layer implements Layer {
         pos = cEnd;
         continue;
       }
-      if ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0) throw this.reservedBits(dv, base, l2Off, idx, cStart);
-      const host = (hi & HI_OFFSET_MASK) * 2 ** 32 + ((lo & LO_OFFSET_MASK) >>> 0);
-      const allocated = host !== 0 || ((hi & 0x8000_0000) !== 0 && !own);
-      if (allocated && (host % cs !== 0 || host >= hostSize)) throw this.badHostOffset(host, hostSize, l2Off, idx, cStart, base);
+      const host = this.entryHost(dv, base, l2Off, idx, cStart, hostSize, own);
       if ((lo & 1) !== 0) throw this.entryError(l2Off, idx, cStart, base, 'has the zero flag set, which extended L2 entries do not use');
       const alloc = dv.getUint32(base + 12);
       const zero = dv.getUint32(base + 8);
       if ((alloc & zero) !== 0) throw this.entryError(l2Off, idx, cStart, base, 'has subclusters marked both allocated and zero');
-      if (alloc !== 0 && !allocated) throw this.entryError(l2Off, idx, cStart, base, 'has allocated subclusters but no host offset');
+      if (alloc !== 0 && host < 0) throw this.entryError(l2Off, idx, cStart, base, 'has allocated subclusters but no host offset');
       const sc = cs / 32;
       while (pos < cEnd) {
         const si = Math.floor((pos - cStart) / sc);
@@ -439,7 +433,7 @@ export class Qcow2Layer implements Layer {
         const bit = 1 << si;
         // Zero and unallocated subclusters of an allocated cluster keep its host offset (qemu's
         // ZERO_ALLOC and UNALLOCATED_ALLOC), which qemu-img map reports.
-        const at = allocated ? host + (pos - cStart) : -1;
+        const at = host >= 0 ? host + (pos - cStart) : -1;
         if ((zero & bit) !== 0) addRun(runs, pos, sEnd - pos, 'zero', at, file);
         else if ((alloc & bit) !== 0) addRun(runs, pos, sEnd - pos, 'data', host + (pos - cStart), file);
         else addRun(runs, pos, sEnd - pos, 'unallocated', at, file);
@@ -452,6 +446,22 @@ export class Qcow2Layer implements Layer {
   /** The error for an L2 entry that breaks the spec. */
   private entryError(l2Off: number, idx: number, cStart: number, base: number, msg: string): BlockError {
     return corruptEntry(this.path, `L2 table at 0x${l2Off.toString(16)} entry ${idx} (guest offset ${cStart})`, msg, l2Off + base);
+  }
+
+  /**
+   * The host offset of a standard or extended L2 entry that is not compressed
+   * (§4.1), checked (reserved bits, alignment, inside the file), or -1 where
+   * no cluster is allocated. Offset 0 is allocated only with COPIED in an
+   * external data file (`own` false).
+   */
+  private entryHost(dv: DataView, base: number, l2Off: number, idx: number, cStart: number, hostSize: number, own: boolean): number {
+    const hi = dv.getUint32(base);
+    const lo = dv.getUint32(base + 4);
+    if ((hi & 0x3f00_0000) !== 0 || (lo & 0x1fe) !== 0) throw this.reservedBits(dv, base, l2Off, idx, cStart);
+    const host = (hi & HI_OFFSET_MASK) * 2 ** 32 + ((lo & LO_OFFSET_MASK) >>> 0);
+    if (host === 0 && ((hi & 0x8000_0000) === 0 || own)) return -1;
+    if (host % this.header.clusterSize !== 0 || host >= hostSize) throw this.badHostOffset(host, hostSize, l2Off, idx, cStart, base);
+    return host;
   }
 
   private reservedBits(dv: DataView, base: number, l2Off: number, idx: number, cStart: number): BlockError {
