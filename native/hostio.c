@@ -31,10 +31,18 @@
  * setSendBuffer(fd, bytes): SO_SNDBUF, which node sets only on UDP sockets;
  * returns the size the kernel then reports (it doubles the request for its
  * bookkeeping and caps it at net.core.wmem_max), or -(2 + errno).
+ *
+ * sendNow(fd, buffers): sendmsg(2) of an array of Uint8Arrays on a socket,
+ * never blocking (MSG_DONTWAIT) and never raising SIGPIPE (MSG_NOSIGNAL),
+ * as many calls as IOV_MAX needs: the bytes the kernel took (fewer than all
+ * when the socket's send buffer filled), -1 when it took none (EAGAIN), or
+ * -(2 + errno). How the NBD server hands a turn's replies to the kernel
+ * without node's stream machinery (src/nbd/stream.ts, StreamWriter).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <node_api.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -116,6 +124,61 @@ static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
   return number(env, (double)got);
 }
 
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+static napi_value send_now(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t fd = -1;
+  uint32_t count = 0;
+  bool is_array = false;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &count) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (fd, Uint8Array[])");
+    return NULL;
+  }
+  struct iovec iov[64];
+  double total = 0;
+  uint32_t i = 0;
+  while (i < count) {
+    /* Up to 64 buffers per call: a turn's replies are rarely more, and a short call is retried below. */
+    int n = 0;
+    size_t want = 0;
+    for (; i < count && n < 64 && n < IOV_MAX; i++) {
+      napi_value el;
+      napi_typedarray_type type;
+      size_t length = 0;
+      void *data = NULL;
+      if (napi_get_element(env, argv[1], i, &el) != napi_ok ||
+          napi_get_typedarray_info(env, el, &type, &length, &data, NULL, NULL) != napi_ok || type != napi_uint8_array) {
+        napi_throw_type_error(env, NULL, "expected (fd, Uint8Array[])");
+        return NULL;
+      }
+      if (length == 0) continue;
+      iov[n].iov_base = data;
+      iov[n].iov_len = length;
+      want += length;
+      n++;
+    }
+    if (n == 0) continue;
+    struct msghdr msg = {0};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = n;
+    ssize_t r;
+    do r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+      if (total > 0) return number(env, total);
+      return number(env, errno == EAGAIN || errno == EWOULDBLOCK ? -1.0 : -2.0 - (double)errno);
+    }
+    total += (double)r;
+    if ((size_t)r < want) break; /* the send buffer is full */
+  }
+  return number(env, total);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
@@ -123,8 +186,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_default, NULL},
       {"dupFd", NULL, dup_fd, NULL, NULL, NULL, napi_default, NULL},
       {"setSendBuffer", NULL, set_send_buffer, NULL, NULL, NULL, napi_default, NULL},
+      {"sendNow", NULL, send_now, NULL, NULL, NULL, napi_default, NULL},
   };
-  napi_define_properties(env, exports, 5, props);
+  napi_define_properties(env, exports, 6, props);
   return exports;
 }
 

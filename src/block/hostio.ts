@@ -3,9 +3,11 @@
  * native/hostio.c (built at install by scripts/build-native.mjs):
  * SEEK_DATA / SEEK_HOLE (lseek(2)) for the holes of sparse host files, and
  * preadv2(2) with RWF_NOWAIT for reads served from the page cache without a
- * trip through node's thread pool, and dup(2) (see nbd/socket-onread.ts). When the helper is missing (no compiler at
- * install) or RBLOCK_NO_NATIVE=1, `hostIo` is null: callers treat the whole
- * file as data and read through the thread pool, as before.
+ * trip through node's thread pool, dup(2) (see nbd/socket-onread.ts), and
+ * non-blocking sendmsg(2) of several buffers (nbd/stream.ts). When the
+ * helper is missing (no compiler at install) or RBLOCK_NO_NATIVE=1, `hostIo`
+ * is null: callers treat the whole file as data, read through the thread
+ * pool and write sockets through node's streams.
  */
 import { createRequire } from 'node:module';
 
@@ -24,6 +26,12 @@ export interface HostIo {
   dupFd(fd: number): number;
   /** SO_SNDBUF (the kernel caps it at net.core.wmem_max): the size the kernel then reports; below -1: -(2 + errno). */
   setSendBuffer(fd: number, bytes: number): number;
+  /**
+   * sendmsg(2) of these buffers in order on a socket, without blocking: the
+   * bytes the kernel took (fewer than all once its send buffer is full), -1
+   * when none (EAGAIN), below -1: -(2 + errno).
+   */
+  sendNow(fd: number, bufs: readonly Uint8Array[]): number;
 }
 
 function load(): HostIo | null {

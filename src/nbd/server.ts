@@ -76,9 +76,10 @@ class Connection {
       pool: BufferPool;
     },
     source: BorrowedSource | null = null,
+    fd = -1,
   ) {
     this.reader = new StreamReader(sock, undefined, source);
-    this.writer = new StreamWriter(sock);
+    this.writer = new StreamWriter(sock, fd);
   }
 
   private log(msg: string): void {
@@ -242,7 +243,7 @@ export class NbdServer {
     const re = this.connOpts.tls === undefined ? reopenWithOnread(accepted, unix ? UNIX_SEND_BUFFER : 0) : null;
     const sock = re?.sock ?? accepted;
     if (re !== null) sock.on('error', () => undefined);
-    const c = new Connection(this.nextId++, sock, this, this.connOpts, re?.source ?? null);
+    const c = new Connection(this.nextId++, sock, this, this.connOpts, re?.source ?? null, re?.fd ?? -1);
     const done = c
       .run()
       .catch((e: unknown) => this.connOpts.log(`client ${c.id}: ${e instanceof Error ? e.message : String(e)}`))

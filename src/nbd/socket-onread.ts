@@ -47,10 +47,11 @@ export function onreadOptions(source: BorrowedSource): OnReadOpts {
 
 /**
  * The accepted socket re-opened with `onread` (the original is destroyed),
- * or null when that is not possible: then use the original. `sendBuffer`
+ * and its descriptor (StreamWriter writes replies to it directly), or null
+ * when that is not possible: then use the original. `sendBuffer`
  * (bytes, 0 to leave it) sets SO_SNDBUF on it.
  */
-export function reopenWithOnread(accepted: Socket, sendBuffer = 0): { sock: Socket; source: BorrowedSource } | null {
+export function reopenWithOnread(accepted: Socket, sendBuffer = 0): { sock: Socket; source: BorrowedSource; fd: number } | null {
   if (hostIo === null) return null;
   const fd = (accepted as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return null;
@@ -70,5 +71,5 @@ export function reopenWithOnread(accepted: Socket, sendBuffer = 0): { sock: Sock
   accepted.destroy();
   if (sendBuffer > 0) hostIo.setSendBuffer(dup, sendBuffer); // best effort: the kernel caps it
 
-  return { sock, source };
+  return { sock, source, fd: dup };
 }

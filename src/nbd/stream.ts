@@ -14,6 +14,7 @@
 import type { Duplex } from 'node:stream';
 import { BlockError } from '../block/errors.js';
 import { allocAligned } from '../block/file.js';
+import { hostIo } from '../block/hostio.js';
 
 export class StreamClosed extends BlockError {
   constructor(message: string) {
@@ -250,7 +251,15 @@ export class StreamReader {
 export class StreamWriter {
   private failed = false;
   private readonly closed: Promise<void>;
-  private holding = false;
+  /**
+   * Coalescing (see `coalesce`): the messages of this turn, in order, and
+   * the callbacks waiting for them.
+   */
+  private queue: Uint8Array[] = [];
+  private waiters: Array<() => void> = [];
+  private scheduled = false;
+  /** Batches handed to node's stream whose write callback has not come yet: all called at close. */
+  private readonly viaNode = new Set<() => void>();
   /**
    * Hold messages until the event loop has run the current batch of
    * completions (setImmediate), then hand them to the kernel in one writev:
@@ -261,11 +270,19 @@ export class StreamWriter {
    */
   coalesce = false;
 
-  constructor(private readonly sock: Duplex) {
+  /**
+   * `fd`: the socket's own descriptor, when the native helper may write to
+   * it directly (a plain socket re-opened by socket-onread.ts), else -1.
+   */
+  constructor(
+    private readonly sock: Duplex,
+    private readonly fd = -1,
+  ) {
     sock.on('error', () => (this.failed = true));
     this.closed = new Promise((resolve) =>
       sock.once('close', () => {
         this.failed = true;
+        for (const fire of [...this.viaNode]) fire();
         resolve();
       }),
     );
@@ -283,14 +300,10 @@ export class StreamWriter {
    * senders instead of growing our memory.
    */
   async send(bufs: readonly Uint8Array[]): Promise<void> {
+    if (this.coalesce) return new Promise<void>((resolve) => this.sendThen(bufs, resolve));
     if (!this.alive) return;
     const parts = bufs.filter((b) => b.length > 0);
     if (parts.length === 0) return;
-    if (this.coalesce && !this.holding) {
-      this.holding = true;
-      this.sock.cork();
-      setImmediate(this.release);
-    }
     const written = new Promise<void>((resolve) => {
       this.sock.cork();
       parts.forEach((b, i) => (i === parts.length - 1 ? this.sock.write(b, () => resolve()) : this.sock.write(b)));
@@ -299,8 +312,72 @@ export class StreamWriter {
     await Promise.race([written, this.closed]);
   }
 
-  private readonly release = (): void => {
-    this.holding = false;
+  /**
+   * send() for the coalescing mode without a promise: `done` runs once the
+   * message is with the kernel or the connection is gone (at once when it
+   * already is). The request loop of a busy server calls this thousands of
+   * times a second; a promise and its reactions per reply were measurable.
+   */
+  sendThen(bufs: readonly Uint8Array[], done: () => void): void {
+    if (!this.alive) {
+      done();
+      return;
+    }
+    for (const b of bufs) if (b.length > 0) this.queue.push(b);
+    this.waiters.push(done);
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(this.flush);
+    }
+  }
+
+  /**
+   * The turn's messages to the kernel. Straight through the native helper's
+   * sendmsg when node's stream holds nothing of ours (so order is kept):
+   * node's Writable costs several JavaScript calls, a callback record and a
+   * write request per buffer, which for an NBD server answering with 4 KiB
+   * or 256 KiB reads was a tenth of its CPU. What the kernel does not take
+   * (its send buffer is full) goes through node's stream, which waits for
+   * the socket to drain; later turns then queue behind it there.
+   */
+  private readonly flush = (): void => {
+    this.scheduled = false;
+    const parts = this.queue;
+    const waiters = this.waiters;
+    this.queue = [];
+    this.waiters = [];
+    if (!this.alive) {
+      for (const w of waiters) w();
+      return;
+    }
+    let from = 0;
+    if (this.fd >= 0 && hostIo !== null && this.sock.writableLength === 0) {
+      let n = hostIo.sendNow(this.fd, parts);
+      // -1: the kernel took nothing; below -1: an error, which node's own write below meets and reports.
+      while (n > 0 && from < parts.length) {
+        const p = parts[from] as Uint8Array;
+        if (n < p.length) {
+          parts[from] = p.subarray(n);
+          break;
+        }
+        n -= p.length;
+        from++;
+      }
+    }
+    if (from === parts.length) {
+      for (const w of waiters) w();
+      return;
+    }
+    let fired = false;
+    const fire = (): void => {
+      if (fired) return;
+      fired = true;
+      this.viaNode.delete(fire);
+      for (const w of waiters) w();
+    };
+    this.viaNode.add(fire);
+    this.sock.cork();
+    for (let i = from; i < parts.length; i++) this.sock.write(parts[i] as Uint8Array, i === parts.length - 1 ? fire : undefined);
     this.sock.uncork();
   };
 

@@ -123,7 +123,6 @@ export class Transmission {
   private inflightBytes = 0;
   private budgetWaiter: (() => void) | null = null;
   private stopping = false;
-  private readonly tasks = new Set<Promise<void>>();
   private readonly exp: ServedExport;
   private readonly dev: BlockDevice;
   private readonly extended: boolean;
@@ -198,7 +197,7 @@ export class Transmission {
 
   /** Wait until every request in flight has replied. */
   async drain(): Promise<void> {
-    while (this.tasks.size > 0) await Promise.all([...this.tasks]);
+    while (this.inflight > 0) await new Promise<void>((r) => (this.budgetWaiter = r));
   }
 
   /** Bytes that follow the header: WRITE data, or any payload announced with PAYLOAD_LEN. */
@@ -212,13 +211,15 @@ export class Transmission {
     if (req.type === Cmd.READ && this.dev.readNow !== undefined && this.readNow(req, cost)) return;
     this.inflight++;
     this.inflightBytes += cost;
-    const task = this.handle(req, payload, pooled).finally(() => {
-      this.inflight--;
-      this.inflightBytes -= cost;
-      this.tasks.delete(task);
-      this.wakeBudget();
-    });
-    this.tasks.add(task);
+    const done = (): void => this.finished(cost);
+    this.handle(req, payload, pooled).then(done, done);
+  }
+
+  /** A request has replied (or never will): its share of the budget is free. */
+  private finished(cost: number): void {
+    this.inflight--;
+    this.inflightBytes -= cost;
+    this.wakeBudget();
   }
 
   /**
@@ -246,17 +247,10 @@ export class Transmission {
     }
     this.inflight++;
     this.inflightBytes += cost;
-    const task = this.writer
-      .send(this.readReply(v, buf, runs))
-      .catch(() => undefined)
-      .finally(() => {
-        this.pool.put(held);
-        this.inflight--;
-        this.inflightBytes -= cost;
-        this.tasks.delete(task);
-        this.wakeBudget();
-      });
-    this.tasks.add(task);
+    this.writer.sendThen(this.readReply(v, buf, runs), () => {
+      this.pool.put(held);
+      this.finished(cost);
+    });
     return true;
   }
 
@@ -284,14 +278,9 @@ export class Transmission {
         this.log(`${cmdName(req.type)} at ${req.offset} length ${req.length} failed (${errnoName(errno)}): ${msg}`);
       out = [this.errorReply(req, errno, msg)];
     }
-    try {
-      await this.writer.send(out);
-    } catch {
-      // The client is gone; nothing left to tell it.
-    } finally {
-      // Sent (or never will be): the read buffers can serve another request.
-      for (const b of held) this.pool.put(b);
-    }
+    await new Promise<void>((resolve) => this.writer.sendThen(out, resolve));
+    // Sent (or never will be): the read buffers can serve another request.
+    for (const b of held) this.pool.put(b);
   }
 
   // ------------------------------------------------------------ validation

@@ -5,6 +5,11 @@
  * pieces, both for a connect()ed socket and for an accepted socket re-opened
  * from a duplicate descriptor; and the owned ('data' events) path must give
  * the same.
+ *
+ * StreamWriter's coalescing sends, written straight to the descriptor by the
+ * native helper or through node's stream: bursts larger than the socket's
+ * send buffer against a slow reader arrive whole and in order, and every
+ * callback runs, in order.
  */
 import test from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,7 +19,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { hostIo } from '../../src/block/hostio.js';
 import { onreadOptions, reopenWithOnread } from '../../src/nbd/socket-onread.js';
-import { StreamClosed, StreamReader, type BorrowedSource } from '../../src/nbd/stream.js';
+import { StreamClosed, StreamReader, StreamWriter, type BorrowedSource } from '../../src/nbd/stream.js';
 import { pseudoRandom } from '../helpers/rng.js';
 import { needNative, scratchDir } from '../helpers/tools.js';
 
@@ -111,3 +116,81 @@ test('setSendBuffer: SO_SNDBUF on a Unix socket, as the kernel caps it', async (
   sender.destroy();
   await assert.rejects(reader.read(1), StreamClosed);
 });
+
+for (const direct of [true, false]) {
+  test(`StreamWriter (${direct ? 'native sendmsg' : "node's stream"}): bursts beyond the send buffer arrive whole, in order`, async (t) => {
+    if (direct && !needNative(t, 'it writes replies straight to the socket')) return;
+    using s = scratchDir('rblock-stream-');
+    const path = join(s.dir, 'w.sock');
+    const accepted = new Promise<Socket>((resolve) => {
+      const srv = createServer({ pauseOnConnect: true }, (x) => {
+        srv.close();
+        resolve(x);
+      });
+      srv.listen(path);
+    });
+    await new Promise((r) => setTimeout(r, 10));
+    const client = connect(path);
+    let sock: Socket = await accepted;
+    let fd = -1;
+    if (direct) {
+      const re = reopenWithOnread(sock);
+      assert.ok(re !== null);
+      sock = re.sock;
+      fd = re.fd;
+      // A small send buffer, so most bursts are only partly taken by sendmsg.
+      assert.ok(hostIo!.setSendBuffer(fd, 32 << 10) > 0);
+    } else sock.resume();
+    const writer = new StreamWriter(sock, fd);
+    writer.coalesce = true;
+
+    // The peer reads slowly: pauses now and then while the server keeps sending.
+    const h = createHash('sha256');
+    let got = 0;
+    client.on('data', (b: Buffer) => {
+      h.update(b);
+      got += b.length;
+      if (got % 7 === 0) {
+        client.pause();
+        setTimeout(() => client.resume(), 2);
+      }
+    });
+    const data = pseudoRandom(TOTAL, 11);
+    const want = createHash('sha256').update(data).digest('hex');
+    const next = sizes(5, 200_000);
+    const order: number[] = [];
+    let pos = 0;
+    let msg = 0;
+    let pending: Promise<void>[] = [];
+    while (pos < data.length) {
+      // A burst of messages in one turn (one coalesced flush), each of 1-3 buffers.
+      for (let k = 0; k < 16 && pos < data.length; k++) {
+        const parts: Buffer[] = [];
+        for (let j = 0; j < 1 + (msg % 3) && pos < data.length; j++) {
+          const n = Math.min(next(), data.length - pos);
+          parts.push(data.subarray(pos, pos + n));
+          pos += n;
+        }
+        const id = msg++;
+        pending.push(new Promise<void>((r) => writer.sendThen(parts, () => (order.push(id), r()))));
+      }
+      if (pending.length >= 64) {
+        await Promise.all(pending);
+        pending = [];
+      }
+    }
+    await Promise.all(pending);
+    assert.deepEqual(order, [...Array(msg).keys()], 'callbacks run once each, in order');
+    const ended = new Promise((r) => client.once('end', r));
+    await writer.end();
+    await ended;
+    assert.equal(got, TOTAL);
+    assert.equal(h.digest('hex'), want);
+
+    // The connection is gone: a send calls back at once and writes nothing.
+    let called = false;
+    writer.sendThen([Buffer.from('late')], () => (called = true));
+    assert.ok(called);
+    client.destroy();
+  });
+}
