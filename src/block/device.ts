@@ -58,6 +58,12 @@ export interface ReadNowOpts {
    * finding them is two lseek calls, more than a small cached read costs.
    */
   holes?: boolean;
+  /**
+   * false: runs reported as zero may be left as they are in buf, because the
+   * caller does not look at their bytes (the NBD server sends them as hole
+   * chunks). Saves clearing them: a few percent of a copy of a sparse disk.
+   */
+  zeroFill?: boolean;
 }
 
 export interface BlockDevice extends AsyncDisposable {

@@ -94,7 +94,8 @@ export async function readLayered(layer: Layer, buf: Uint8Array, offset: number)
  * layer's cached mapping, data in the page cache, backing devices likewise;
  * null as soon as anything would have to wait (compressed runs always do).
  */
-export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number): ReadRuns | null {
+export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null {
+  const fill = opts?.zeroFill !== false;
   if (layer.mapNow === undefined || layer.readRunNow === undefined) return null;
   const runs = layer.mapNow(offset, buf.length);
   if (runs === null) return null;
@@ -105,13 +106,13 @@ export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number): R
     if (end <= pos) continue;
     const dst = buf.subarray(pos - offset, end - offset);
     let zero = false;
-    if (run.kind === 'zero') zero = (dst.fill(0), true);
+    if (run.kind === 'zero') zero = (fill && dst.fill(0), true);
     else if (run.kind === 'unallocated') {
       const b = layer.backing;
       const inBacking = backingBytes(b, dst.length, pos);
       if (b !== null && inBacking > 0 && !b.readNow?.(dst.subarray(0, inBacking), pos, NO_HOLES)) return null;
-      if (inBacking < dst.length) dst.fill(0, inBacking);
       zero = inBacking === 0;
+      if (inBacking < dst.length && (fill || !zero)) dst.fill(0, inBacking);
     } else if (!layer.readRunNow(dst, run, pos)) return null;
     out.push({ offset: pos, length: end - pos, zero });
     pos = end;
@@ -166,8 +167,8 @@ export class LayeredDriver implements Driver {
     return readLayered(this.layer, buf, offset);
   }
 
-  readNow(buf: Uint8Array, offset: number): ReadRuns | null {
-    return readLayeredNow(this.layer, buf, offset);
+  readNow(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null {
+    return readLayeredNow(this.layer, buf, offset, opts);
   }
 
   async pwrite(buf: Uint8Array, offset: number): Promise<void> {

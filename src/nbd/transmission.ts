@@ -10,7 +10,7 @@
  * payload beyond 32 MiB) loses its connection; everything else is an error
  * reply and the connection goes on.
  */
-import type { BlockDevice, Extent, ReadRuns } from '../block/device.js';
+import type { BlockDevice, Extent, ReadNowOpts, ReadRuns } from '../block/device.js';
 import { BlockError, type ErrorKind } from '../block/errors.js';
 import { isZero } from '../block/zero.js';
 import {
@@ -105,6 +105,10 @@ const POOLED_PAYLOAD = 64 << 10;
  * block status first (nbdkit's file plugin never does; qemu-nbd always does).
  */
 const SMALL_READ = 64 << 10;
+
+/** readNow for a reply that sends holes as hole chunks (their bytes are never looked at), and for one that sends bytes. */
+const SEND_HOLES: ReadNowOpts = { holes: true, zeroFill: false };
+const NO_HOLES: ReadNowOpts = { holes: false };
 
 /** Block status answers examine at most this many device extents per request. */
 const MAX_STATUS_EXTENTS = 16384;
@@ -240,7 +244,7 @@ export class Transmission {
     // Holes matter only where readReply sends them as hole chunks: structured, no DF, not small
     // (a small read's zeros are found in its bytes; see read()).
     const holes = this.structured && (req.flags & CmdFlag.DF) === 0 && v.length > SMALL_READ;
-    const runs = (this.dev.readNow as NonNullable<BlockDevice['readNow']>).call(this.dev, buf, v.offset, { holes });
+    const runs = (this.dev.readNow as NonNullable<BlockDevice['readNow']>).call(this.dev, buf, v.offset, holes ? SEND_HOLES : NO_HOLES);
     if (runs === null) {
       this.pool.put(held);
       return false;

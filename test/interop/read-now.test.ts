@@ -43,6 +43,15 @@ async function compareReads(dev: BlockDevice, ranges: ReadonlyArray<readonly [nu
     answered++;
     assert.deepEqual(got, want, `${label}: readNow(${offset}, ${length}) equals pread`);
     checkRuns(runs, offset, length, got, `${label} ${offset}+${length}`);
+    // zeroFill false (the NBD server's hole chunks): same runs, data runs equal, zero runs left alone.
+    const lazy = new Uint8Array(length).fill(0xee);
+    const lazyRuns = dev.readNow?.(lazy, offset, { holes: true, zeroFill: false }) ?? null;
+    assert.deepEqual(lazyRuns, runs, `${label}: same runs without zero filling`);
+    for (const r of runs) {
+      const span = (b: Uint8Array): Uint8Array => b.subarray(r.offset - offset, r.offset - offset + r.length);
+      if (!r.zero) assert.deepEqual(span(lazy), span(want), `${label}: data run at ${r.offset} equals pread`);
+      else assert.ok(span(lazy).every((x) => x === 0xee), `${label}: zero run at ${r.offset} not written`);
+    }
   }
   return answered;
 }

@@ -26,7 +26,9 @@ export class RawDriver implements Driver {
     const runs = (opts?.holes === false ? null : this.file.dataRuns(offset, buf.length)) ?? [{ offset, length: buf.length, data: true }];
     for (const r of runs) {
       const dst = buf.subarray(r.offset - offset, r.offset - offset + r.length);
-      if (!r.data) dst.fill(0);
+      if (!r.data) {
+        if (opts?.zeroFill !== false) dst.fill(0);
+      }
       else if (!this.file.readNow(dst, r.offset)) return null;
     }
     return runs.map((r) => ({ offset: r.offset, length: r.length, zero: !r.data }));
