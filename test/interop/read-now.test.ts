@@ -50,7 +50,11 @@ async function compareReads(dev: BlockDevice, ranges: ReadonlyArray<readonly [nu
     for (const r of runs) {
       const span = (b: Uint8Array): Uint8Array => b.subarray(r.offset - offset, r.offset - offset + r.length);
       if (!r.zero) assert.deepEqual(span(lazy), span(want), `${label}: data run at ${r.offset} equals pread`);
-      else assert.ok(span(lazy).every((x) => x === 0xee), `${label}: zero run at ${r.offset} not written`);
+      else
+        assert.ok(
+          span(lazy).every((x) => x === 0xee),
+          `${label}: zero run at ${r.offset} not written`,
+        );
     }
   }
   return answered;

@@ -28,8 +28,7 @@ export class RawDriver implements Driver {
       const dst = buf.subarray(r.offset - offset, r.offset - offset + r.length);
       if (!r.data) {
         if (opts?.zeroFill !== false) dst.fill(0);
-      }
-      else if (!this.file.readNow(dst, r.offset)) return null;
+      } else if (!this.file.readNow(dst, r.offset)) return null;
     }
     return runs.map((r) => ({ offset: r.offset, length: r.length, zero: !r.data }));
   }
