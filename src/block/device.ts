@@ -66,6 +66,21 @@ export interface ReadNowOpts {
   zeroFill?: boolean;
 }
 
+/**
+ * Where a range of a device lives, in order: runs that read as zeros (fd -1),
+ * and runs whose bytes are exactly bytes of a host file (fd, hostOffset).
+ * One object shape for both, so the server's loop over them stays
+ * monomorphic.
+ */
+export interface DeviceSpan {
+  offset: number;
+  length: number;
+  zero: boolean;
+  /** The host file's descriptor for a data span, -1 for zeros. */
+  fd: number;
+  hostOffset: number;
+}
+
 export interface BlockDevice extends AsyncDisposable {
   readonly size: number;
   readonly caps: Capabilities;
@@ -84,6 +99,16 @@ export interface BlockDevice extends AsyncDisposable {
    * servers, where the promise chain of a pread cost more than a cached read.
    */
   readNow?(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null;
+  /**
+   * [offset, offset + length) as spans of host files and runs of zeros, at
+   * once, when the mapping is in memory and every byte of the data spans is
+   * in the host's page cache; else null (then readNow or pread). For a
+   * server that hands page cache pages to a socket without copying them
+   * (splice, src/nbd/stream.ts): only valid while nothing writes the
+   * device, so only read-only exports use it. The descriptors stay the
+   * device's: use them before it can be closed.
+   */
+  spansNow?(offset: number, length: number): DeviceSpan[] | null;
   /** Write buf entirely at offset, or throw. */
   pwrite(buf: Uint8Array, offset: number, opts?: IoOpts): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: IoOpts): Promise<void>;

@@ -64,6 +64,8 @@ const QUICK_BACKOFF_MAX_MS = 2000;
 
 /** Cleared for the process once the kernel refuses RWF_NOWAIT reads; RBLOCK_NO_NOWAIT=1 for A/B measurements. */
 let nowaitReads = process.env['RBLOCK_NO_NOWAIT'] !== '1';
+/** Cleared once cachestat(2) fails (kernels before 6.5); RBLOCK_NO_SPLICE=1 for A/B measurements. */
+let cachestatWorks = process.env['RBLOCK_NO_SPLICE'] !== '1';
 
 export class HostFile {
   private constructor(
@@ -282,6 +284,21 @@ export class HostFile {
     // Slow: longer than a page-cache copy at about 1 GB/s plus a few ms of slack.
     if (took > SLOW_WRITE_MS + len / 1e6) this.quickPausedUntil = t0 + took + Math.min(QUICK_BACKOFF_MAX_MS, took * QUICK_BACKOFF_FACTOR);
     return n;
+  }
+
+  /**
+   * This file's descriptor when all of [pos, pos + length) is inside the
+   * file and in the page cache now (cachestat, native/hostio.c), so that
+   * splicing it to a socket cannot wait for the disk; else -1.
+   */
+  spanNow(pos: number, length: number): number {
+    if (!cachestatWorks || hostIo === null || pos + length > this.cachedSize || this.syncFd !== null) return -1;
+    const fd = (this.fh as { fd?: unknown }).fd;
+    if (typeof fd !== 'number') return -1;
+    const r = hostIo.cached(fd, pos, length);
+    // ENOSYS (a kernel before 6.5) or any other failure: never again; the copying paths remain.
+    if (r < 0) cachestatWorks = false;
+    return r === 1 ? fd : -1;
   }
 
   /** Fill buf from pos entirely from the page cache, at once (see readCached), or return false. */

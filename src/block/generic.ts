@@ -5,7 +5,7 @@
  * request splitting, and normalisation of block status answers.
  * Drivers therefore only implement what they really can.
  */
-import type { BlockDevice, Capabilities, Extent, IoOpts, ReadNowOpts, ReadRuns } from './device.js';
+import type { BlockDevice, Capabilities, DeviceSpan, Extent, IoOpts, ReadNowOpts, ReadRuns } from './device.js';
 import { BlockError } from './errors.js';
 import { checkRange } from './ranges.js';
 import { zeroBuffer } from './zero.js';
@@ -22,6 +22,8 @@ export interface Driver {
   pread(buf: Uint8Array, offset: number): Promise<void>;
   /** See BlockDevice.readNow; the range is checked before. */
   readNow?(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null;
+  /** See BlockDevice.spansNow; the range is checked before. */
+  spansNow?(offset: number, length: number): DeviceSpan[] | null;
   pwrite?(buf: Uint8Array, offset: number, opts: IoOpts): Promise<void>;
   writeZeroes?(offset: number, length: number, opts: IoOpts): Promise<void>;
   discard?(offset: number, length: number): Promise<void>;
@@ -75,6 +77,18 @@ export class GenericDevice implements BlockDevice {
     if (!Number.isSafeInteger(offset) || offset < 0 || offset + buf.length > this.size || buf.length === 0) return null;
     try {
       return this.driver.readNow(buf, offset, opts);
+    } catch {
+      // pread will say what is wrong
+      return null;
+    }
+  }
+
+  spansNow(offset: number, length: number): DeviceSpan[] | null {
+    if (this.closed || this.driver.spansNow === undefined) return null;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.size)
+      return null;
+    try {
+      return this.driver.spansNow(offset, length);
     } catch {
       // pread will say what is wrong
       return null;

@@ -4,7 +4,8 @@
  * SEEK_DATA / SEEK_HOLE (lseek(2)) for the holes of sparse host files, and
  * preadv2(2) with RWF_NOWAIT for reads served from the page cache without a
  * trip through node's thread pool, dup(2) (see nbd/socket-onread.ts), and
- * non-blocking sendmsg(2) of several buffers (nbd/stream.ts). When the
+ * non-blocking sendmsg(2) of several buffers and splice(2) of cached file
+ * ranges to a socket (nbd/stream.ts). When the
  * helper is missing (no compiler at install) or RBLOCK_NO_NATIVE=1, `hostIo`
  * is null: callers treat the whole file as data, read through the thread
  * pool and write sockets through node's streams.
@@ -32,6 +33,27 @@ export interface HostIo {
    * when none (EAGAIN), below -1: -(2 + errno).
    */
   sendNow(fd: number, bufs: readonly Uint8Array[]): number;
+  /** 1 when every page of the range is in the page cache, 0 when not; below -1: -(2 + errno) (ENOSYS: no cachestat). */
+  cached(fd: number, offset: number, length: number): number;
+  /** A non-blocking pipe: [readFd, writeFd, capacity], or -(2 + errno). */
+  pipeOpen(bytes: number): [number, number, number] | number;
+  /**
+   * Send byte items and file ranges in order without blocking (file ranges
+   * spliced through the pipe): [k, into, rest, err] as native/hostio.c says.
+   */
+  sendItems(
+    sock: number,
+    pipeR: number,
+    pipeW: number,
+    items: ReadonlyArray<Uint8Array | FileSpan>,
+  ): [number, number, Buffer | null, number];
+}
+
+/** Bytes of a host file to send as they are (BlockDevice.spansNow, StreamWriter). */
+export interface FileSpan {
+  readonly fd: number;
+  readonly offset: number;
+  readonly length: number;
 }
 
 function load(): HostIo | null {

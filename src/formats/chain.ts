@@ -6,7 +6,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import type { BlockDevice, Capabilities, Extent, IoOpts, ReadNowOpts, ReadRuns } from '../block/device.js';
+import type { BlockDevice, Capabilities, DeviceSpan, Extent, IoOpts, ReadNowOpts, ReadRuns } from '../block/device.js';
 import { BlockError } from '../block/errors.js';
 import { GenericDevice, type Driver } from '../block/generic.js';
 import { isNbdUri } from '../nbd/uri.js';
@@ -120,6 +120,43 @@ export function readLayeredNow(layer: Layer, buf: Uint8Array, offset: number, op
   return pos === offset + buf.length ? out : null;
 }
 
+/**
+ * BlockDevice.spansNow of a layered image: the layer's cached mapping, its
+ * data runs as host file spans, unallocated runs from the backing device's
+ * own spans (zeros past its end), null as soon as anything is not in memory
+ * or is not stored as plain bytes (compressed, encrypted).
+ */
+export function spansLayeredNow(layer: Layer, offset: number, length: number): DeviceSpan[] | null {
+  if (layer.mapNow === undefined || layer.spanRunNow === undefined) return null;
+  const runs = layer.mapNow(offset, length);
+  if (runs === null) return null;
+  const out: DeviceSpan[] = [];
+  const end = offset + length;
+  let pos = offset;
+  for (const run of runs) {
+    const runEnd = Math.min(run.offset + run.length, end);
+    if (runEnd <= pos) continue;
+    const n = runEnd - pos;
+    if (run.kind === 'zero') out.push({ offset: pos, length: n, zero: true, fd: -1, hostOffset: 0 });
+    else if (run.kind === 'unallocated') {
+      const b = layer.backing;
+      const inBacking = backingBytes(b, n, pos);
+      if (b !== null && inBacking > 0) {
+        const sub = b.spansNow?.(pos, inBacking) ?? null;
+        if (sub === null) return null;
+        for (const s of sub) out.push(s);
+      }
+      if (inBacking < n) out.push({ offset: pos + inBacking, length: n - inBacking, zero: true, fd: -1, hostOffset: 0 });
+    } else if (run.kind === 'data') {
+      const at = layer.spanRunNow(run, pos, n);
+      if (at === null) return null;
+      out.push({ offset: pos, length: n, zero: false, fd: at.fd, hostOffset: at.hostOffset });
+    } else return null;
+    pos = runEnd;
+  }
+  return pos === end ? out : null;
+}
+
 /** A backing device's bytes fill an unallocated run; which of them are zeros does not matter. */
 const NO_HOLES: ReadNowOpts = { holes: false };
 
@@ -169,6 +206,10 @@ export class LayeredDriver implements Driver {
 
   readNow(buf: Uint8Array, offset: number, opts?: ReadNowOpts): ReadRuns | null {
     return readLayeredNow(this.layer, buf, offset, opts);
+  }
+
+  spansNow(offset: number, length: number): DeviceSpan[] | null {
+    return spansLayeredNow(this.layer, offset, length);
   }
 
   async pwrite(buf: Uint8Array, offset: number): Promise<void> {

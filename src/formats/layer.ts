@@ -69,6 +69,11 @@ export interface Layer {
   mapNow?(offset: number, length: number): LayerRun[] | null;
   /** readRun at once from the host's page cache, or false. */
   readRunNow?(buf: Uint8Array, run: LayerRun, offset: number): boolean;
+  /**
+   * The host file bytes that [offset, offset + length) of a 'data' run are,
+   * when they are in the page cache now (see BlockDevice.spansNow), or null.
+   */
+  spanRunNow?(run: LayerRun, offset: number, length: number): { fd: number; hostOffset: number } | null;
   info(): Promise<ImageInfo>;
   close(): Promise<void>;
 

@@ -14,7 +14,8 @@
 import type { Duplex } from 'node:stream';
 import { BlockError } from '../block/errors.js';
 import { allocAligned } from '../block/file.js';
-import { hostIo } from '../block/hostio.js';
+import { closeSync, readSync } from 'node:fs';
+import { hostIo, type FileSpan } from '../block/hostio.js';
 
 export class StreamClosed extends BlockError {
   constructor(message: string) {
@@ -255,9 +256,13 @@ export class StreamWriter {
    * Coalescing (see `coalesce`): the messages of this turn, in order, and
    * the callbacks waiting for them.
    */
-  private queue: Uint8Array[] = [];
+  private queue: Array<Uint8Array | FileSpan> = [];
   private waiters: Array<() => void> = [];
   private scheduled = false;
+  /** Whether `queue` holds file spans (then the flush splices). */
+  private spans = false;
+  /** The pipe file spans are spliced through: [read end, write end], opened on first use; null: none. */
+  private pipe: [number, number] | null = null;
   /** Batches handed to node's stream whose write callback has not come yet: all called at close. */
   private readonly viaNode = new Set<() => void>();
   /**
@@ -283,9 +288,30 @@ export class StreamWriter {
       sock.once('close', () => {
         this.failed = true;
         for (const fire of [...this.viaNode]) fire();
+        this.closePipe();
         resolve();
       }),
     );
+  }
+
+  /**
+   * Whether sendThen takes file spans, sent by splice(2) without copying
+   * their bytes (a plain socket with its descriptor, the native helper, and
+   * a pipe). Opens the pipe on first use.
+   */
+  get canSplice(): boolean {
+    if (this.pipe !== null) return true;
+    if (this.fd < 0 || hostIo === null || !this.alive) return false;
+    const p = hostIo.pipeOpen(PIPE_BYTES);
+    if (typeof p === 'number') return false;
+    this.pipe = [p[0], p[1]];
+    return true;
+  }
+
+  private closePipe(): void {
+    const p = this.pipe;
+    this.pipe = null;
+    if (p !== null) for (const fd of p) closeSync(fd);
   }
 
   /** False once the socket is gone: replies are then dropped silently. */
@@ -318,12 +344,17 @@ export class StreamWriter {
    * already is). The request loop of a busy server calls this thousands of
    * times a second; a promise and its reactions per reply were measurable.
    */
-  sendThen(bufs: readonly Uint8Array[], done: () => void): void {
+  sendThen(bufs: ReadonlyArray<Uint8Array | FileSpan>, done: () => void): void {
     if (!this.alive) {
       done();
       return;
     }
-    for (const b of bufs) if (b.length > 0) this.queue.push(b);
+    for (const b of bufs) {
+      if (b.length === 0) continue;
+      this.queue.push(b);
+      // File spans only from callers that asked canSplice.
+      if (!(b instanceof Uint8Array)) this.spans = true;
+    }
     this.waiters.push(done);
     if (!this.scheduled) {
       this.scheduled = true;
@@ -342,17 +373,30 @@ export class StreamWriter {
    */
   private readonly flush = (): void => {
     this.scheduled = false;
-    const parts = this.queue;
+    let parts = this.queue;
     const waiters = this.waiters;
+    const spans = this.spans;
     this.queue = [];
     this.waiters = [];
+    this.spans = false;
     if (!this.alive) {
       for (const w of waiters) w();
       return;
     }
     let from = 0;
-    if (this.fd >= 0 && hostIo !== null && this.sock.writableLength === 0) {
-      let n = hostIo.sendNow(this.fd, parts);
+    if (spans && this.pipe !== null && hostIo !== null && this.sock.writableLength === 0) {
+      const [k, into, rest] = hostIo.sendItems(this.fd, this.pipe[0], this.pipe[1], parts);
+      // A failure (err) is left to node's write of the rest, which meets it and reports it.
+      if (k < parts.length) {
+        const tail: Array<Uint8Array | FileSpan> = rest === null ? [] : [rest];
+        const at = parts[k] as Uint8Array | FileSpan;
+        if (at instanceof Uint8Array) tail.push(at.subarray(into));
+        else if (into < at.length) tail.push({ fd: at.fd, offset: at.offset + into, length: at.length - into });
+        for (let i = k + 1; i < parts.length; i++) tail.push(parts[i] as Uint8Array | FileSpan);
+        parts = tail;
+      } else from = parts.length;
+    } else if (!spans && this.fd >= 0 && hostIo !== null && this.sock.writableLength === 0) {
+      let n = hostIo.sendNow(this.fd, parts as Uint8Array[]);
       // -1: the kernel took nothing; below -1: an error, which node's own write below meets and reports.
       while (n > 0 && from < parts.length) {
         const p = parts[from] as Uint8Array;
@@ -375,9 +419,19 @@ export class StreamWriter {
       this.viaNode.delete(fire);
       for (const w of waiters) w();
     };
+    let bytes: Uint8Array[];
+    try {
+      bytes = parts.slice(from).map(bytesOf);
+    } catch (e) {
+      // A spliced file span that cannot be read now (the file is gone): the reply's header may be
+      // out already, so the stream cannot go on; the client sees the connection drop.
+      this.sock.destroy(e instanceof Error ? e : new Error(String(e)));
+      for (const w of waiters) w();
+      return;
+    }
     this.viaNode.add(fire);
     this.sock.cork();
-    for (let i = from; i < parts.length; i++) this.sock.write(parts[i] as Uint8Array, i === parts.length - 1 ? fire : undefined);
+    bytes.forEach((b, i) => this.sock.write(b, i === bytes.length - 1 ? fire : undefined));
     this.sock.uncork();
   };
 
@@ -389,6 +443,27 @@ export class StreamWriter {
       this.sock.once('close', () => resolve());
     });
   }
+}
+
+/** The pipe for splicing file spans: 1 MiB, the kernel's default limit (/proc/sys/fs/pipe-max-size). */
+const PIPE_BYTES = 1 << 20;
+
+/**
+ * A file span's bytes, for node's stream: only when the socket did not take
+ * a whole flush (rare; the span was in the page cache a moment ago).
+ */
+function bytesOf(p: Uint8Array | FileSpan): Uint8Array {
+  if (p instanceof Uint8Array) return p;
+  const buf = Buffer.allocUnsafe(p.length);
+  let done = 0;
+  while (done < p.length) {
+    const n = readSync(p.fd, buf, done, p.length - done, p.offset + done);
+    if (n <= 0) break;
+    done += n;
+  }
+  // Past a file that shrank meanwhile: zeros, as a read of a sparse end would give.
+  buf.fill(0, done);
+  return buf;
 }
 
 /**

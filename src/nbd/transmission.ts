@@ -39,6 +39,7 @@ import {
   errnoName,
   type NbdErrno,
 } from './protocol.js';
+import type { FileSpan } from '../block/hostio.js';
 import { BufferPool, StreamClosed, type StreamReader, type StreamWriter } from './stream.js';
 
 /** The one mapping from BlockError kinds to NBD errors. */
@@ -131,6 +132,8 @@ export class Transmission {
   private readonly dev: BlockDevice;
   private readonly extended: boolean;
   private readonly structured: boolean;
+  /** Large READs go out as spliced file spans (spliceRead); decided once per connection. */
+  private readonly splice: boolean;
 
   constructor(
     private readonly reader: StreamReader,
@@ -145,6 +148,10 @@ export class Transmission {
     this.extended = session.mode === 'extended';
     this.structured = session.mode !== 'simple';
     writer.coalesce = true;
+    // Only where nothing writes the device while a reply's pages are on their way: a spliced page
+    // is read by the client when it gets there, so a later write (or a cluster freed and reused)
+    // would show through an earlier READ's reply.
+    this.splice = this.exp.readOnly && this.dev.spansNow !== undefined && writer.canSplice;
   }
 
   /** Stop taking requests (server shutdown); run() resolves once those in flight have replied. */
@@ -212,7 +219,10 @@ export class Transmission {
   }
 
   private start(req: Request, payload: Buffer | null, cost: number, pooled: Buffer | null): void {
-    if (req.type === Cmd.READ && this.dev.readNow !== undefined && this.readNow(req, cost)) return;
+    if (req.type === Cmd.READ) {
+      if (this.splice && req.length > BigInt(SMALL_READ) && this.spliceRead(req, cost)) return;
+      if (this.dev.readNow !== undefined && this.readNow(req, cost)) return;
+    }
     this.inflight++;
     this.inflightBytes += cost;
     const done = (): void => this.finished(cost);
@@ -255,6 +265,50 @@ export class Transmission {
       this.pool.put(held);
       this.finished(cost);
     });
+    return true;
+  }
+
+  /**
+   * A large READ on a read-only export answered with the page cache's own
+   * pages (BlockDevice.spansNow, StreamWriter file spans): no copy into a
+   * buffer, and for a Unix socket none into the socket either. A 2 GiB
+   * nbdcopy over a Unix socket cost the server about 0.9 s of CPU with
+   * preadv2 + sendmsg and 0.3 s this way. False: not possible now.
+   */
+  private spliceRead(req: Request, cost: number): boolean {
+    let v: Valid;
+    try {
+      v = this.validate(req, null);
+    } catch {
+      return false;
+    }
+    const spans = (this.dev.spansNow as NonNullable<BlockDevice['spansNow']>).call(this.dev, v.offset, v.length);
+    if (spans === null) return false;
+    const holes = this.structured && (req.flags & CmdFlag.DF) === 0;
+    const out: Array<Uint8Array | FileSpan> = [];
+    if (holes) {
+      const last = spans.length - 1;
+      spans.forEach((s, i) => {
+        const flags = i === last ? REPLY_FLAG_DONE : 0;
+        if (s.zero) out.push(encodeOffsetHole(this.extended, flags, req.cookie, req.offset, s.offset, s.length));
+        else {
+          out.push(encodeOffsetDataHeader(this.extended, flags, req.cookie, req.offset, s.offset, s.length));
+          out.push({ fd: s.fd, offset: s.hostOffset, length: s.length });
+        }
+      });
+    } else {
+      // One data chunk (DF) or a simple reply: every byte goes out, so zeros must be bytes.
+      if (spans.some((s) => s.zero)) return false;
+      out.push(
+        this.structured
+          ? encodeOffsetDataHeader(this.extended, REPLY_FLAG_DONE, req.cookie, req.offset, v.offset, v.length)
+          : encodeSimpleReply(0, req.cookie),
+      );
+      for (const s of spans) out.push({ fd: s.fd, offset: s.hostOffset, length: s.length });
+    }
+    this.inflight++;
+    this.inflightBytes += cost;
+    this.writer.sendThen(out, () => this.finished(cost));
     return true;
   }
 

@@ -4,12 +4,17 @@
  * qemu-io with a backing file, data, zero, compressed and unallocated
  * clusters, and on a sparse raw file. Compressed clusters always wait
  * (decompression): readNow must decline them.
+ *
+ * BlockDevice.spansNow (what a read-only NBD export splices to its clients)
+ * likewise: the host file bytes of its data spans, and zeros for its zero
+ * spans, are exactly what pread gives; compressed clusters and pages not in
+ * the page cache are declined.
  */
 import test from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync, writeSync, ftruncateSync } from 'node:fs';
+import { closeSync, fdatasyncSync, openSync, readSync, writeSync, ftruncateSync } from 'node:fs';
 import { join } from 'node:path';
-import type { BlockDevice, ReadRuns } from '../../src/block/device.js';
+import type { BlockDevice, DeviceSpan, ReadRuns } from '../../src/block/device.js';
 import { openImage } from '../../src/formats/registry.js';
 import { pseudoRandom } from '../helpers/rng.js';
 import { needNative, needTools, run, scratchDir } from '../helpers/tools.js';
@@ -31,12 +36,37 @@ function checkRuns(runs: ReadRuns, offset: number, length: number, buf: Uint8Arr
   assert.equal(pos, offset + length, `${label}: runs cover the read`);
 }
 
-/** pread first (so metadata is cached), then readNow; returns how many ranges readNow answered. */
+/** The bytes spansNow's answer stands for: host file bytes for data spans, zeros for zero spans. */
+function spanBytes(spans: readonly DeviceSpan[], offset: number, length: number, label: string): Uint8Array {
+  const out = new Uint8Array(length).fill(0xee);
+  let pos = offset;
+  for (const s of spans) {
+    assert.equal(s.offset, pos, `${label}: spans are contiguous`);
+    const dst = out.subarray(s.offset - offset, s.offset - offset + s.length);
+    if (s.zero) dst.fill(0);
+    else assert.equal(readSync(s.fd, dst, 0, s.length, s.hostOffset), s.length, `${label}: a data span is inside its host file`);
+    pos += s.length;
+  }
+  assert.equal(pos, offset + length, `${label}: spans cover the read`);
+  return out;
+}
+
+/** pread first (so metadata and pages are cached), then readNow and spansNow; returns how many ranges each answered. */
 async function compareReads(dev: BlockDevice, ranges: ReadonlyArray<readonly [number, number]>, label: string): Promise<number> {
   let answered = 0;
+  let spanned = 0;
   for (const [offset, length] of ranges) {
     const want = new Uint8Array(length);
     await dev.pread(want, offset);
+    const spans = dev.spansNow?.(offset, length) ?? null;
+    if (spans !== null) {
+      spanned++;
+      assert.deepEqual(
+        spanBytes(spans, offset, length, label),
+        want,
+        `${label}: spansNow(${offset}, ${length}) stands for what pread gives`,
+      );
+    }
     const got = new Uint8Array(length).fill(0xee);
     const runs = dev.readNow?.(got, offset) ?? null;
     if (runs === null) continue;
@@ -57,6 +87,7 @@ async function compareReads(dev: BlockDevice, ranges: ReadonlyArray<readonly [nu
         );
     }
   }
+  assert.equal(spanned, answered, `${label}: spansNow answers what readNow answers`);
   return answered;
 }
 
@@ -101,6 +132,8 @@ test('readNow equals pread: qcow2 with a backing file, zero, compressed and unal
   await dev.pread(compressed, 3 * MiB);
   assert.equal(dev.readNow?.(new Uint8Array(64 * KiB), 3 * MiB), null, 'compressed clusters are read asynchronously');
   assert.equal(dev.readNow?.(new Uint8Array(4096), 8 * MiB), null, 'past the end: declined (pread reports it)');
+  assert.equal(dev.spansNow?.(3 * MiB, 64 * KiB), null, 'a compressed cluster is not plain bytes of the file: declined');
+  assert.equal(dev.spansNow?.(8 * MiB - 4096, 8192), null, 'past the end: declined');
 });
 
 /** A sparse raw file of `size` bytes with `writes` ([bytes, offset]) as its only data, opened read-only. */
@@ -155,4 +188,30 @@ test('readNow with holes: false reports a sparse raw file as one data run, with 
   const noHoles = new Uint8Array(length).fill(0xee);
   assert.deepEqual(dev.readNow?.(noHoles, offset, { holes: false }), [{ offset, length, zero: false }], 'one data run');
   assert.deepEqual(noHoles, want, 'the holes read as zeros all the same');
+});
+
+test('spansNow declines pages the page cache does not hold, and answers once they are read', async (t) => {
+  if (!needNative(t, 'spansNow asks the page cache through it (cachestat)') || !needTools(t, 'dd', 'stat')) return;
+  using s = scratchDir();
+  const path = join(s.dir, 'cold.raw');
+  const data = pseudoRandom(2 * MiB, 21);
+  const fd = openSync(path, 'w');
+  writeSync(fd, data, 0, data.length, 0);
+  fdatasyncSync(fd);
+  closeSync(fd);
+  // Drop the file's (clean) pages. tmpfs keeps them whatever is asked: there, they count as cached.
+  run('dd', [`if=${path}`, 'iflag=nocache', 'count=0', 'status=none'], { check: true });
+  const tmpfs = run('stat', ['-f', '-c', '%T', s.dir], { check: true }).stdout.trim() === 'tmpfs';
+  await using dev = await openImage(path, { format: 'raw', readOnly: true });
+  const cold = dev.spansNow?.(MiB, 256 * KiB) ?? null;
+  if (!tmpfs) assert.equal(cold, null, 'pages not in the page cache: declined');
+  const want = new Uint8Array(256 * KiB);
+  await dev.pread(want, MiB);
+  const spans = dev.spansNow?.(MiB, 256 * KiB) ?? null;
+  assert.ok(spans !== null, 'answered once the pages are cached');
+  assert.deepEqual(
+    spans.map((x) => ({ ...x, fd: 0 })),
+    [{ offset: MiB, length: 256 * KiB, zero: false, fd: 0, hostOffset: MiB }],
+  );
+  assert.deepEqual(spanBytes(spans, MiB, 256 * KiB, 'raw'), want);
 });

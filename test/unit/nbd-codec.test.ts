@@ -48,7 +48,10 @@ import { Chunk, Cmd, CmdFlag, Errno, Info, Opt, REPLY_FLAG_DONE, Rep, TFlag } fr
 import { NbdServer } from '../../src/nbd/server.js';
 import { ERRNO_OF_KIND, allocationDepth } from '../../src/nbd/transmission.js';
 import { TinyClient } from '../helpers/nbd-tiny-client.js';
-import { scratchDir } from '../helpers/tools.js';
+import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import { openImage } from '../../src/formats/registry.js';
+import { pseudoRandom } from '../helpers/rng.js';
+import { needNative, scratchDir } from '../helpers/tools.js';
 
 const T = { timeout: 10000 };
 
@@ -646,4 +649,59 @@ test('limits: bytes in flight bound the requests handed to the device; the hands
   } finally {
     await server.close();
   }
+});
+
+test('transmission, read-only file export: large reads sent by splice equal the file (simple, DF, structured with holes)', T, async (t) => {
+  if (!needNative(t, 'large reads of a read-only export are spliced through it')) return;
+  using s = scratchDir('rblock-nbd-');
+  const path = join(s.dir, 'sparse.raw');
+  const KiB = 1024;
+  // data [0, 1 MiB), hole [1 MiB, 2 MiB), data [2 MiB, 2 MiB + 300 KiB), hole to 4 MiB
+  const a = pseudoRandom(1024 * KiB, 31);
+  const b = pseudoRandom(300 * KiB, 32);
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, 4096 * KiB);
+  writeSync(fd, a, 0, a.length, 0);
+  writeSync(fd, b, 0, b.length, 2048 * KiB);
+  closeSync(fd);
+  const want = new Uint8Array(4096 * KiB);
+  want.set(a, 0);
+  want.set(b, 2048 * KiB);
+  await using dev = await openImage(path, { format: 'raw', readOnly: true });
+  await withServer([{ name: '', device: dev, readOnly: true }], async (sock) => {
+    // Simple replies: every byte goes out (a read over a hole takes the copying path, same bytes).
+    const simple = await TinyClient.connect(sock);
+    await go(simple);
+    for (const [off, len] of [
+      [100 * KiB, 700 * KiB],
+      [900 * KiB, 300 * KiB],
+    ] as const) {
+      await simple.send({ type: Cmd.READ, offset: BigInt(off), length: BigInt(len) });
+      assert.deepEqual((await simple.reply(len)).data, Buffer.from(want.subarray(off, off + len)), `simple read at ${off}`);
+    }
+    simple.destroy();
+
+    const c = await TinyClient.connect(sock);
+    await go(c, '', { structured: true });
+    // DF: one data chunk, spliced when no hole is inside.
+    await c.send({ type: Cmd.READ, flags: CmdFlag.DF, offset: BigInt(2048 * KiB + 4 * KiB), length: BigInt(256 * KiB) });
+    const df = await c.chunks();
+    assert.equal(df.length, 1);
+    assert.deepEqual((df[0]!.chunk as { data: Uint8Array }).data, Buffer.from(want.subarray(2052 * KiB, 2308 * KiB)));
+    // Holes as OFFSET_HOLE, data as spliced OFFSET_DATA.
+    await c.send({ type: Cmd.READ, offset: BigInt(768 * KiB), length: BigInt(1600 * KiB) });
+    const chunks = (await c.chunks()).map((x) => x.chunk as { type: number; offset: bigint; length?: number; data?: Uint8Array });
+    assert.deepEqual(
+      chunks.map((x) => [x.type, Number(x.offset), x.data?.length ?? x.length]),
+      [
+        [Chunk.OFFSET_DATA, 768 * KiB, 256 * KiB],
+        [Chunk.OFFSET_HOLE, 1024 * KiB, 1024 * KiB],
+        [Chunk.OFFSET_DATA, 2048 * KiB, 300 * KiB],
+        [Chunk.OFFSET_HOLE, 2348 * KiB, 20 * KiB],
+      ],
+    );
+    assert.deepEqual(chunks[0]!.data, Buffer.from(want.subarray(768 * KiB, 1024 * KiB)));
+    assert.deepEqual(chunks[2]!.data, Buffer.from(want.subarray(2048 * KiB, 2348 * KiB)));
+    c.destroy();
+  });
 });

@@ -15,9 +15,9 @@ import test from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { connect, createServer, type Socket } from 'node:net';
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { hostIo } from '../../src/block/hostio.js';
+import { hostIo, type FileSpan } from '../../src/block/hostio.js';
 import { onreadOptions, reopenWithOnread } from '../../src/nbd/socket-onread.js';
 import { StreamClosed, StreamReader, StreamWriter, type BorrowedSource } from '../../src/nbd/stream.js';
 import { pseudoRandom } from '../helpers/rng.js';
@@ -117,8 +117,9 @@ test('setSendBuffer: SO_SNDBUF on a Unix socket, as the kernel caps it', async (
   await assert.rejects(reader.read(1), StreamClosed);
 });
 
-for (const direct of [true, false]) {
-  test(`StreamWriter (${direct ? 'native sendmsg' : "node's stream"}): bursts beyond the send buffer arrive whole, in order`, async (t) => {
+for (const mode of ['native sendmsg', 'native splice', "node's stream"] as const) {
+  test(`StreamWriter (${mode}): bursts beyond the send buffer arrive whole, in order`, async (t) => {
+    const direct = mode !== "node's stream";
     if (direct && !needNative(t, 'it writes replies straight to the socket')) return;
     using s = scratchDir('rblock-stream-');
     const path = join(s.dir, 'w.sock');
@@ -143,6 +144,13 @@ for (const direct of [true, false]) {
     } else sock.resume();
     const writer = new StreamWriter(sock, fd);
     writer.coalesce = true;
+    // Splice: every other piece goes as a span of a file holding the same bytes.
+    let file = -1;
+    if (mode === 'native splice') {
+      assert.ok(writer.canSplice, 'a re-opened socket with the helper can splice');
+      file = openSync(join(s.dir, 'data'), 'w+');
+      writeSync(file, pseudoRandom(TOTAL, 11));
+    }
 
     // The peer reads slowly: pauses now and then while the server keeps sending.
     const h = createHash('sha256');
@@ -157,7 +165,8 @@ for (const direct of [true, false]) {
     });
     const data = pseudoRandom(TOTAL, 11);
     const want = createHash('sha256').update(data).digest('hex');
-    const next = sizes(5, 200_000);
+    // Spans larger than the 1 MiB pipe are spliced in several rounds.
+    const next = sizes(5, mode === 'native splice' ? 3_000_000 : 200_000);
     const order: number[] = [];
     let pos = 0;
     let msg = 0;
@@ -165,10 +174,11 @@ for (const direct of [true, false]) {
     while (pos < data.length) {
       // A burst of messages in one turn (one coalesced flush), each of 1-3 buffers.
       for (let k = 0; k < 16 && pos < data.length; k++) {
-        const parts: Buffer[] = [];
+        const parts: Array<Buffer | FileSpan> = [];
         for (let j = 0; j < 1 + (msg % 3) && pos < data.length; j++) {
           const n = Math.min(next(), data.length - pos);
-          parts.push(data.subarray(pos, pos + n));
+          if (file >= 0 && (msg + j) % 2 === 0) parts.push({ fd: file, offset: pos, length: n });
+          else parts.push(data.subarray(pos, pos + n));
           pos += n;
         }
         const id = msg++;
@@ -192,5 +202,6 @@ for (const direct of [true, false]) {
     writer.sendThen([Buffer.from('late')], () => (called = true));
     assert.ok(called);
     client.destroy();
+    if (file >= 0) closeSync(file);
   });
 }

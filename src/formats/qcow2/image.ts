@@ -473,6 +473,14 @@ export class Qcow2Layer implements Layer {
     );
   }
 
+  spanRunNow(run: LayerRun, offset: number, length: number): { fd: number; hostOffset: number } | null {
+    const r = run as Qcow2Run;
+    if (this.header.cryptMethod !== 0 || r.kind !== 'data') return null;
+    const hostOffset = (r.hostOffset as number) + (offset - r.offset);
+    const fd = (this.dataFile ?? this.file).spanNow(hostOffset, length);
+    return fd < 0 ? null : { fd, hostOffset };
+  }
+
   readRunNow(buf: Uint8Array, run: LayerRun, offset: number): boolean {
     const r = run as Qcow2Run;
     if (this.header.cryptMethod !== 0 || r.kind !== 'data') return false;

@@ -2,7 +2,7 @@
 import type { BlockDevice } from '../../block/device.js';
 import type { HostFile } from '../../block/file.js';
 import { GenericDevice, type Driver } from '../../block/generic.js';
-import type { Extent, IoOpts, ReadNowOpts, ReadRuns } from '../../block/device.js';
+import type { DeviceSpan, Extent, IoOpts, ReadNowOpts, ReadRuns } from '../../block/device.js';
 import type { FormatDriver } from '../registry.js';
 
 export class RawDriver implements Driver {
@@ -31,6 +31,17 @@ export class RawDriver implements Driver {
       } else if (!this.file.readNow(dst, r.offset)) return null;
     }
     return runs.map((r) => ({ offset: r.offset, length: r.length, zero: !r.data }));
+  }
+
+  spansNow(offset: number, length: number): DeviceSpan[] | null {
+    const runs = this.file.dataRuns(offset, length) ?? [{ offset, length, data: true }];
+    const out: DeviceSpan[] = [];
+    for (const r of runs) {
+      const fd = r.data ? this.file.spanNow(r.offset, r.length) : -1;
+      if (r.data && fd < 0) return null;
+      out.push({ offset: r.offset, length: r.length, zero: !r.data, fd, hostOffset: r.offset });
+    }
+    return out;
   }
 
   pwrite(buf: Uint8Array, offset: number, _opts: IoOpts): Promise<void> {
