@@ -249,21 +249,28 @@ export class StreamReader {
   }
 }
 
+/** What the coalescing writer sends: bytes, or a range of a host file (spliced). */
+type Item = Uint8Array | FileSpan;
+
 export class StreamWriter {
   private failed = false;
   private readonly closed: Promise<void>;
   /**
-   * Coalescing (see `coalesce`): the messages of this turn, in order, and
-   * the callbacks waiting for them.
+   * Coalescing (see `coalesce`): what is still to send, in order; the
+   * callbacks of the messages in it, and for each the queue index just past
+   * its last item.
    */
-  private queue: Array<Uint8Array | FileSpan> = [];
+  private queue: Item[] = [];
   private waiters: Array<() => void> = [];
+  private ends: number[] = [];
   private scheduled = false;
-  /** Whether `queue` holds file spans (then the flush splices). */
+  /** Whether `queue` may hold file spans (then the flush splices). */
   private spans = false;
+  /** A piece of the queue is with node's stream: the rest waits until it has gone out. */
+  private blocked = false;
   /** The pipe file spans are spliced through: [read end, write end], opened on first use; null: none. */
   private pipe: [number, number] | null = null;
-  /** Batches handed to node's stream whose write callback has not come yet: all called at close. */
+  /** Write callbacks of node's stream not called yet: all called at close. */
   private readonly viaNode = new Set<() => void>();
   /**
    * Hold messages until the event loop has run the current batch of
@@ -289,6 +296,7 @@ export class StreamWriter {
         this.failed = true;
         for (const fire of [...this.viaNode]) fire();
         this.closePipe();
+        this.completeAll();
         resolve();
       }),
     );
@@ -343,73 +351,152 @@ export class StreamWriter {
    * message is with the kernel or the connection is gone (at once when it
    * already is). The request loop of a busy server calls this thousands of
    * times a second; a promise and its reactions per reply were measurable.
+   * File spans only from callers that asked canSplice.
    */
-  sendThen(bufs: ReadonlyArray<Uint8Array | FileSpan>, done: () => void): void {
+  sendThen(items: readonly Item[], done: () => void): void {
     if (!this.alive) {
       done();
       return;
     }
-    for (const b of bufs) {
+    for (const b of items) {
       if (b.length === 0) continue;
       this.queue.push(b);
-      // File spans only from callers that asked canSplice.
       if (!(b instanceof Uint8Array)) this.spans = true;
     }
     this.waiters.push(done);
-    if (!this.scheduled) {
-      this.scheduled = true;
-      setImmediate(this.flush);
-    }
+    this.ends.push(this.queue.length);
+    this.schedule();
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.blocked) return;
+    this.scheduled = true;
+    setImmediate(this.flush);
   }
 
   /**
-   * The turn's messages to the kernel. Straight through the native helper's
-   * sendmsg when node's stream holds nothing of ours (so order is kept):
-   * node's Writable costs several JavaScript calls, a callback record and a
-   * write request per buffer, which for an NBD server answering with 4 KiB
-   * or 256 KiB reads was a tenth of its CPU. What the kernel does not take
-   * (its send buffer is full) goes through node's stream, which waits for
-   * the socket to drain; later turns then queue behind it there.
+   * The queue to the kernel. Straight through the native helper (sendmsg of
+   * bytes, splice of file spans) when node's stream holds nothing of ours,
+   * so order is kept: node's Writable costs several JavaScript calls, a
+   * callback record and a write request per buffer, which for an NBD server
+   * answering with 4 KiB or 256 KiB reads was a tenth of its CPU. When the
+   * socket's buffer is full, a small head of what is left goes through
+   * node's stream, which waits for the socket to drain; its callback resumes
+   * the native path (spans stay uncopied). Without the helper or the
+   * descriptor (TLS), everything goes through node's stream.
    */
   private readonly flush = (): void => {
     this.scheduled = false;
-    let parts = this.queue;
-    const waiters = this.waiters;
-    const spans = this.spans;
-    this.queue = [];
-    this.waiters = [];
-    this.spans = false;
+    if (this.blocked) return;
     if (!this.alive) {
-      for (const w of waiters) w();
+      this.completeAll();
       return;
     }
-    let from = 0;
-    if (spans && this.pipe !== null && hostIo !== null && this.sock.writableLength === 0) {
-      const [k, into, rest] = hostIo.sendItems(this.fd, this.pipe[0], this.pipe[1], parts);
-      // A failure (err) is left to node's write of the rest, which meets it and reports it.
-      if (k < parts.length) {
-        const tail: Array<Uint8Array | FileSpan> = rest === null ? [] : [rest];
-        const at = parts[k] as Uint8Array | FileSpan;
-        if (at instanceof Uint8Array) tail.push(at.subarray(into));
-        else if (into < at.length) tail.push({ fd: at.fd, offset: at.offset + into, length: at.length - into });
-        for (let i = k + 1; i < parts.length; i++) tail.push(parts[i] as Uint8Array | FileSpan);
-        parts = tail;
-      } else from = parts.length;
-    } else if (!spans && this.fd >= 0 && hostIo !== null && this.sock.writableLength === 0) {
-      let n = hostIo.sendNow(this.fd, parts as Uint8Array[]);
-      // -1: the kernel took nothing; below -1: an error, which node's own write below meets and reports.
-      while (n > 0 && from < parts.length) {
-        const p = parts[from] as Uint8Array;
-        if (n < p.length) {
-          parts[from] = p.subarray(n);
-          break;
+    const native = this.fd >= 0 && hostIo !== null;
+    if (native && this.queue.length > 0 && this.sock.writableLength > 0) {
+      // Node's stream still holds bytes of ours (a handshake reply): a head behind them, then resume.
+      this.viaNodeWrite(true);
+    } else if (native && this.queue.length > 0) {
+      const io = hostIo as NonNullable<typeof hostIo>;
+      let k: number;
+      let into = 0;
+      let rest: Buffer | null = null;
+      let err = 0;
+      if (this.spans && this.pipe !== null) [k, into, rest, err] = io.sendItems(this.fd, this.pipe[0], this.pipe[1], this.queue);
+      else {
+        let n = io.sendNow(this.fd, this.queue as Uint8Array[]);
+        if (n < -1) err = n;
+        k = 0;
+        while (n > 0 && k < this.queue.length) {
+          const len = (this.queue[k] as Item).length;
+          if (n < len) {
+            into = n;
+            break;
+          }
+          n -= len;
+          k++;
         }
-        n -= p.length;
-        from++;
+      }
+      this.consume(k, into, rest);
+      // Full (or an error, which node's own write of the rest meets and reports): a head through node.
+      if (this.queue.length > 0) this.viaNodeWrite(err === 0);
+    } else if (this.queue.length > 0) this.viaNodeWrite(false);
+    // Messages with nothing left to send (including empty ones) are done.
+    this.complete(0);
+  };
+
+  /** Items [0, k) were sent, and `into` bytes of item k; `rest`: bytes of item k read but not sent, to go first. */
+  private consume(k: number, into: number, rest: Buffer | null): void {
+    this.complete(k);
+    const q = this.queue.slice(k);
+    const first = q[0];
+    if (first !== undefined && into > 0) {
+      q[0] =
+        first instanceof Uint8Array ? first.subarray(into) : { fd: first.fd, offset: first.offset + into, length: first.length - into };
+      if ((q[0] as Item).length === 0) q.shift();
+    }
+    const shift = -k + (rest !== null ? 1 : 0) - (first !== undefined && into > 0 && first.length === into ? 1 : 0);
+    if (rest !== null) q.unshift(rest);
+    this.queue = q;
+    for (let i = 0; i < this.ends.length; i++) this.ends[i] = Math.max(0, (this.ends[i] as number) + shift);
+    if (q.length === 0) this.spans = false;
+  }
+
+  /** Call back, in order, the messages whose items all lie before queue index `sent`. */
+  private complete(sent: number): void {
+    let n = 0;
+    while (n < this.ends.length && (this.ends[n] as number) <= sent) n++;
+    if (n === 0) return;
+    const done = this.waiters.splice(0, n);
+    this.ends.splice(0, n);
+    for (const w of done) w();
+  }
+
+  private completeAll(): void {
+    this.queue = [];
+    this.spans = false;
+    this.ends = [];
+    for (const w of this.waiters.splice(0)) w();
+  }
+
+  /**
+   * Hand the queue to node's stream: all of it, or (`head`, the native path
+   * being blocked by a full socket) only its first item, at most HEAD_BYTES
+   * of a span, after which flush resumes.
+   */
+  private viaNodeWrite(head: boolean): void {
+    let take: Item[];
+    // Items wholly taken leave the queue; the messages they end are done when node has written them.
+    let whole: number;
+    if (!head) {
+      take = this.queue;
+      this.queue = [];
+      whole = take.length;
+    } else {
+      const first = this.queue[0] as Item;
+      if (!(first instanceof Uint8Array) && first.length > HEAD_BYTES) {
+        take = [{ fd: first.fd, offset: first.offset, length: HEAD_BYTES }];
+        this.queue[0] = { fd: first.fd, offset: first.offset + HEAD_BYTES, length: first.length - HEAD_BYTES };
+        whole = 0;
+      } else {
+        take = [this.queue.shift() as Item];
+        whole = 1;
       }
     }
-    if (from === parts.length) {
-      for (const w of waiters) w();
+    let nDone = 0;
+    while (nDone < this.ends.length && (this.ends[nDone] as number) <= whole) nDone++;
+    const done = this.waiters.splice(0, nDone);
+    this.ends.splice(0, nDone);
+    for (let i = 0; i < this.ends.length; i++) this.ends[i] = Math.max(0, (this.ends[i] as number) - whole);
+    if (this.queue.length === 0) this.spans = false;
+    let bytes: Uint8Array[];
+    try {
+      bytes = take.map(bytesOf);
+    } catch (e) {
+      // A spliced file span that cannot be read now (the file is gone): the reply's header may be
+      // out already, so the stream cannot go on; the client sees the connection drop.
+      this.sock.destroy(e instanceof Error ? e : new Error(String(e)));
+      for (const w of done) w();
       return;
     }
     let fired = false;
@@ -417,23 +504,16 @@ export class StreamWriter {
       if (fired) return;
       fired = true;
       this.viaNode.delete(fire);
-      for (const w of waiters) w();
+      if (head) this.blocked = false;
+      for (const w of done) w();
+      if (this.queue.length > 0 || this.waiters.length > 0) this.schedule();
     };
-    let bytes: Uint8Array[];
-    try {
-      bytes = parts.slice(from).map(bytesOf);
-    } catch (e) {
-      // A spliced file span that cannot be read now (the file is gone): the reply's header may be
-      // out already, so the stream cannot go on; the client sees the connection drop.
-      this.sock.destroy(e instanceof Error ? e : new Error(String(e)));
-      for (const w of waiters) w();
-      return;
-    }
+    if (head) this.blocked = true;
     this.viaNode.add(fire);
     this.sock.cork();
     bytes.forEach((b, i) => this.sock.write(b, i === bytes.length - 1 ? fire : undefined));
     this.sock.uncork();
-  };
+  }
 
   /** Send what is queued, then close our side. */
   async end(): Promise<void> {
@@ -444,6 +524,9 @@ export class StreamWriter {
     });
   }
 }
+
+/** How much of a span node's stream gets while the socket is full (copied; the rest stays a span). */
+const HEAD_BYTES = 64 << 10;
 
 /** The pipe for splicing file spans: 1 MiB, the kernel's default limit (/proc/sys/fs/pipe-max-size). */
 const PIPE_BYTES = 1 << 20;
