@@ -370,6 +370,8 @@ static napi_value send_items(napi_env env, napi_callback_info info) {
         if (m <= 0) {
           int e = m < 0 ? errno : EIO;
           napi_value rest = drain_pipe(env, pipe_r, (size_t)(in - out));
+          /* Without the bytes back the pipe is not empty: the stream cannot go on. */
+          if (rest == NULL) return items_result(env, i, (double)(done + in), NULL, -2.0 - (double)ENOMEM);
           return items_result(env, i, (double)(done + in), rest, e == EAGAIN || e == EWOULDBLOCK ? 0 : -2.0 - (double)e);
         }
         out += m;

@@ -7,9 +7,11 @@
  * works stops at TCP level instead of growing our memory.
  *
  * StreamWriter writes whole messages: every buffer of one send() goes out
- * contiguously (one corked writev), so replies of requests completing in any
- * order never interleave inside a chunk; a send resolves once its bytes are
- * with the kernel.
+ * contiguously, so replies of requests completing in any order never
+ * interleave inside a chunk; a send resolves once its bytes are with the
+ * kernel. In the server's coalescing mode a message may also hold spans of a
+ * host file, spliced to the socket from the page cache (FileSpan), and a
+ * turn's messages go out in one call of the native helper.
  */
 import type { Duplex } from 'node:stream';
 import { BlockError } from '../block/errors.js';
@@ -417,9 +419,16 @@ export class StreamWriter {
           k++;
         }
       }
+      if (err !== 0) {
+        // The connection failed (or a spliced file could not be read, or the pipe could not be
+        // emptied): nothing more can go out in order on it.
+        this.sock.destroy(new Error(`sending replies failed (errno ${-2 - err})`));
+        this.completeAll();
+        return;
+      }
       this.consume(k, into, rest);
-      // Full (or an error, which node's own write of the rest meets and reports): a head through node.
-      if (this.queue.length > 0) this.viaNodeWrite(err === 0);
+      // The socket is full: a head of the rest through node's stream, which waits for it to drain.
+      if (this.queue.length > 0) this.viaNodeWrite(true);
     } else if (this.queue.length > 0) this.viaNodeWrite(false);
     // Messages with nothing left to send (including empty ones) are done.
     this.complete(0);
