@@ -152,6 +152,17 @@ static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
 #define IOV_MAX 1024
 #endif
 
+/* One non-blocking sendmsg of n buffers, without SIGPIPE, retried on EINTR. */
+static ssize_t send_iov(int fd, struct iovec *iov, int n) {
+  struct msghdr msg = {0};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = n;
+  ssize_t r;
+  do r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+  while (r < 0 && errno == EINTR);
+  return r;
+}
+
 static napi_value send_now(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -187,12 +198,7 @@ static napi_value send_now(napi_env env, napi_callback_info info) {
       n++;
     }
     if (n == 0) continue;
-    struct msghdr msg = {0};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = n;
-    ssize_t r;
-    do r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-    while (r < 0 && errno == EINTR);
+    ssize_t r = send_iov(fd, iov, n);
     if (r < 0) {
       if (total > 0) return number(env, total);
       return number(env, errno == EAGAIN || errno == EWOULDBLOCK ? -1.0 : -2.0 - (double)errno);
@@ -334,12 +340,7 @@ static napi_value send_items(napi_env env, napi_callback_info info) {
         n++;
       }
       if (want == 0) continue;
-      struct msghdr msg = {0};
-      msg.msg_iov = iov;
-      msg.msg_iovlen = n;
-      ssize_t r;
-      do r = sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-      while (r < 0 && errno == EINTR);
+      ssize_t r = send_iov(sock, iov, n);
       if (r < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) return items_result(env, first, 0, NULL, 0);
         return items_result(env, first, 0, NULL, -2.0 - (double)errno);

@@ -243,12 +243,8 @@ export class Transmission {
    * (or not valid: the asynchronous path then replies with the error).
    */
   private readNow(req: Request, cost: number): boolean {
-    let v: Valid;
-    try {
-      v = this.validate(req, null);
-    } catch {
-      return false;
-    }
+    const v = this.validRead(req);
+    if (v === null) return false;
     const held = this.pool.get(v.length);
     const buf = held.subarray(0, v.length);
     // Holes matter only where readReply sends them as hole chunks: structured, no DF, not small
@@ -276,12 +272,8 @@ export class Transmission {
    * with preadv2 + sendmsg and 210-260 ms this way. False: not possible now.
    */
   private spliceRead(req: Request, cost: number): boolean {
-    let v: Valid;
-    try {
-      v = this.validate(req, null);
-    } catch {
-      return false;
-    }
+    const v = this.validRead(req);
+    if (v === null) return false;
     const spans = (this.dev.spansNow as NonNullable<BlockDevice['spansNow']>).call(this.dev, v.offset, v.length);
     if (spans === null) return false;
     const holes = this.structured && (req.flags & CmdFlag.DF) === 0;
@@ -310,6 +302,15 @@ export class Transmission {
     this.inflightBytes += cost;
     this.writer.sendThen(out, () => this.finished(cost));
     return true;
+  }
+
+  /** A READ that passes validation, or null: the asynchronous path then replies with the error. */
+  private validRead(req: Request): Valid | null {
+    try {
+      return this.validate(req, null);
+    } catch {
+      return null;
+    }
   }
 
   private async waitBudget(): Promise<void> {
