@@ -32,13 +32,6 @@
  * returns the size the kernel then reports (it doubles the request for its
  * bookkeeping and caps it at net.core.wmem_max), or -(2 + errno).
  *
- * sendNow(fd, buffers): sendmsg(2) of an array of Uint8Arrays on a socket,
- * never blocking (MSG_DONTWAIT) and never raising SIGPIPE (MSG_NOSIGNAL),
- * as many calls as IOV_MAX needs: the bytes the kernel took (fewer than all
- * when the socket's send buffer filled), -1 when it took none (EAGAIN), or
- * -(2 + errno). How the NBD server hands a turn's replies to the kernel
- * without node's stream machinery (src/nbd/stream.ts, StreamWriter).
- *
  * cached(fd, offset, length): cachestat(2) (Linux 6.5): 1 when every page of
  * the range is in the page cache, 0 when not, or -(2 + errno) (ENOSYS on an
  * older kernel). The NBD server splices only cached ranges, so that its
@@ -49,16 +42,19 @@
  * number -(2 + errno).
  *
  * sendItems(sock, pipeR, pipeW, items): send items in order on a socket
- * without blocking: a Uint8Array is sent as bytes (consecutive ones in one
- * sendmsg), an object { fd, offset, length } as that range of a file, moved
- * by splice(2) through the pipe: file -> pipe takes references to the page
+ * without blocking (MSG_DONTWAIT) and without SIGPIPE (MSG_NOSIGNAL): a
+ * Uint8Array is sent as bytes (consecutive ones in one sendmsg), an object
+ * { fd, offset, length } as that range of a file, moved by splice(2)
+ * through the pipe: file -> pipe takes references to the page
  * cache pages and pipe -> socket hands them to the socket, so the data is
  * never copied into a user buffer (for a Unix socket the reader copies
  * straight from the page cache). Returns [k, into, rest, err]: items before
  * k were sent whole, `into` bytes of item k were taken; `rest` is null or a
  * Buffer of bytes of item k that were read into the pipe but not taken by
  * the socket (they come before item k's remaining bytes); err is 0, or
- * -(2 + errno) for a failure other than a full socket.
+ * -(2 + errno) for a failure other than a full socket. How the NBD server
+ * hands a turn's replies to the kernel without node's stream machinery
+ * (src/nbd/stream.ts, StreamWriter); the pipe is only used for spans.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -148,10 +144,6 @@ static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
   return number(env, (double)got);
 }
 
-#ifndef IOV_MAX
-#define IOV_MAX 1024
-#endif
-
 /* One non-blocking sendmsg of n buffers, without SIGPIPE, retried on EINTR. */
 static ssize_t send_iov(int fd, struct iovec *iov, int n) {
   struct msghdr msg = {0};
@@ -161,52 +153,6 @@ static ssize_t send_iov(int fd, struct iovec *iov, int n) {
   do r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
   while (r < 0 && errno == EINTR);
   return r;
-}
-
-static napi_value send_now(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  int32_t fd = -1;
-  uint32_t count = 0;
-  bool is_array = false;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &count) != napi_ok) {
-    napi_throw_type_error(env, NULL, "expected (fd, Uint8Array[])");
-    return NULL;
-  }
-  struct iovec iov[64];
-  double total = 0;
-  uint32_t i = 0;
-  while (i < count) {
-    /* Up to 64 buffers per call: a turn's replies are rarely more, and a short call is retried below. */
-    int n = 0;
-    size_t want = 0;
-    for (; i < count && n < 64 && n < IOV_MAX; i++) {
-      napi_value el;
-      napi_typedarray_type type;
-      size_t length = 0;
-      void *data = NULL;
-      if (napi_get_element(env, argv[1], i, &el) != napi_ok ||
-          napi_get_typedarray_info(env, el, &type, &length, &data, NULL, NULL) != napi_ok || type != napi_uint8_array) {
-        napi_throw_type_error(env, NULL, "expected (fd, Uint8Array[])");
-        return NULL;
-      }
-      if (length == 0) continue;
-      iov[n].iov_base = data;
-      iov[n].iov_len = length;
-      want += length;
-      n++;
-    }
-    if (n == 0) continue;
-    ssize_t r = send_iov(fd, iov, n);
-    if (r < 0) {
-      if (total > 0) return number(env, total);
-      return number(env, errno == EAGAIN || errno == EWOULDBLOCK ? -1.0 : -2.0 - (double)errno);
-    }
-    total += (double)r;
-    if ((size_t)r < want) break; /* the send buffer is full */
-  }
-  return number(env, total);
 }
 
 #ifndef SYS_cachestat
@@ -394,12 +340,11 @@ static napi_value init(napi_env env, napi_value exports) {
       {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_default, NULL},
       {"dupFd", NULL, dup_fd, NULL, NULL, NULL, napi_default, NULL},
       {"setSendBuffer", NULL, set_send_buffer, NULL, NULL, NULL, napi_default, NULL},
-      {"sendNow", NULL, send_now, NULL, NULL, NULL, napi_default, NULL},
       {"cached", NULL, cached, NULL, NULL, NULL, napi_default, NULL},
       {"pipeOpen", NULL, pipe_open, NULL, NULL, NULL, napi_default, NULL},
       {"sendItems", NULL, send_items, NULL, NULL, NULL, napi_default, NULL},
   };
-  napi_define_properties(env, exports, 9, props);
+  napi_define_properties(env, exports, 8, props);
   return exports;
 }
 

@@ -5,10 +5,10 @@
  * preadv2(2) with RWF_NOWAIT for reads served from the page cache without a
  * trip through node's thread pool, dup(2) (see nbd/socket-onread.ts), and
  * non-blocking sendmsg(2) of several buffers and splice(2) of cached file
- * ranges to a socket (nbd/stream.ts). When the
- * helper is missing (no compiler at install) or RBLOCK_NO_NATIVE=1, `hostIo`
- * is null: callers treat the whole file as data, read through the thread
- * pool and write sockets through node's streams.
+ * ranges to a socket (nbd/stream.ts). When the helper is missing (no
+ * compiler at install) or RBLOCK_NO_NATIVE=1, `hostIo` is null: callers
+ * treat the whole file as data, read through the thread pool and write
+ * sockets through node's streams.
  */
 import { createRequire } from 'node:module';
 
@@ -27,12 +27,6 @@ export interface HostIo {
   dupFd(fd: number): number;
   /** SO_SNDBUF (the kernel caps it at net.core.wmem_max): the size the kernel then reports; below -1: -(2 + errno). */
   setSendBuffer(fd: number, bytes: number): number;
-  /**
-   * sendmsg(2) of these buffers in order on a socket, without blocking: the
-   * bytes the kernel took (fewer than all once its send buffer is full), -1
-   * when none (EAGAIN), below -1: -(2 + errno).
-   */
-  sendNow(fd: number, bufs: readonly Uint8Array[]): number;
   /** 1 when every page of the range is in the page cache, 0 when not; below -1: -(2 + errno) (ENOSYS: no cachestat). */
   cached(fd: number, offset: number, length: number): number;
   /** A non-blocking pipe: [readFd, writeFd, capacity], or -(2 + errno). */

@@ -266,8 +266,6 @@ export class StreamWriter {
   private waiters: Array<() => void> = [];
   private ends: number[] = [];
   private scheduled = false;
-  /** Whether `queue` may hold file spans (then the flush splices). */
-  private spans = false;
   /** A piece of the queue is with node's stream: the rest waits until it has gone out. */
   private blocked = false;
   /** The pipe file spans are spliced through: [read end, write end], opened on first use; null: none. */
@@ -363,7 +361,6 @@ export class StreamWriter {
     for (const b of items) {
       if (b.length === 0) continue;
       this.queue.push(b);
-      if (!(b instanceof Uint8Array)) this.spans = true;
     }
     this.waiters.push(done);
     this.ends.push(this.queue.length);
@@ -399,26 +396,9 @@ export class StreamWriter {
       // Node's stream still holds bytes of ours (a handshake reply): a head behind them, then resume.
       this.viaNodeWrite(true);
     } else if (native && this.queue.length > 0) {
-      const io = hostIo as NonNullable<typeof hostIo>;
-      let k: number;
-      let into = 0;
-      let rest: Buffer | null = null;
-      let err = 0;
-      if (this.spans && this.pipe !== null) [k, into, rest, err] = io.sendItems(this.fd, this.pipe[0], this.pipe[1], this.queue);
-      else {
-        let n = io.sendNow(this.fd, this.queue as Uint8Array[]);
-        if (n < -1) err = n;
-        k = 0;
-        while (n > 0 && k < this.queue.length) {
-          const len = (this.queue[k] as Item).length;
-          if (n < len) {
-            into = n;
-            break;
-          }
-          n -= len;
-          k++;
-        }
-      }
+      // The pipe only matters for spans, which only callers that asked canSplice queue.
+      const [pr, pw] = this.pipe ?? [-1, -1];
+      const [k, into, rest, err] = (hostIo as NonNullable<typeof hostIo>).sendItems(this.fd, pr, pw, this.queue);
       if (err !== 0) {
         // The connection failed (or a spliced file could not be read, or the pipe could not be
         // emptied): nothing more can go out in order on it.
@@ -448,7 +428,6 @@ export class StreamWriter {
     if (rest !== null) q.unshift(rest);
     this.queue = q;
     for (let i = 0; i < this.ends.length; i++) this.ends[i] = Math.max(0, (this.ends[i] as number) + shift);
-    if (q.length === 0) this.spans = false;
   }
 
   /** Call back, in order, the messages whose items all lie before queue index `sent`. */
@@ -463,7 +442,6 @@ export class StreamWriter {
 
   private completeAll(): void {
     this.queue = [];
-    this.spans = false;
     this.ends = [];
     for (const w of this.waiters.splice(0)) w();
   }
@@ -497,7 +475,6 @@ export class StreamWriter {
     const done = this.waiters.splice(0, nDone);
     this.ends.splice(0, nDone);
     for (let i = 0; i < this.ends.length; i++) this.ends[i] = Math.max(0, (this.ends[i] as number) - whole);
-    if (this.queue.length === 0) this.spans = false;
     let bytes: Uint8Array[];
     try {
       bytes = take.map(bytesOf);
