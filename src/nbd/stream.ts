@@ -411,33 +411,41 @@ export class StreamWriter {
       if (this.queue.length > 0) this.viaNodeWrite(true);
     } else if (this.queue.length > 0) this.viaNodeWrite(false);
     // Messages with nothing left to send (including empty ones) are done.
-    this.complete(0);
+    for (const w of this.takeEnded(0)) w();
   };
 
   /** Items [0, k) were sent, and `into` bytes of item k; `rest`: bytes of item k read but not sent, to go first. */
   private consume(k: number, into: number, rest: Buffer | null): void {
-    this.complete(k);
+    for (const w of this.takeEnded(k)) w();
     const q = this.queue.slice(k);
     const first = q[0];
+    let shift = 0;
     if (first !== undefined && into > 0) {
       q[0] =
         first instanceof Uint8Array ? first.subarray(into) : { fd: first.fd, offset: first.offset + into, length: first.length - into };
-      if ((q[0] as Item).length === 0) q.shift();
+      if (into === first.length) {
+        q.shift();
+        shift--;
+      }
     }
-    const shift = -k + (rest !== null ? 1 : 0) - (first !== undefined && into > 0 && first.length === into ? 1 : 0);
-    if (rest !== null) q.unshift(rest);
+    if (rest !== null) {
+      q.unshift(rest);
+      shift++;
+    }
     this.queue = q;
     for (let i = 0; i < this.ends.length; i++) this.ends[i] = Math.max(0, (this.ends[i] as number) + shift);
   }
 
-  /** Call back, in order, the messages whose items all lie before queue index `sent`. */
-  private complete(sent: number): void {
-    let n = 0;
-    while (n < this.ends.length && (this.ends[n] as number) <= sent) n++;
-    if (n === 0) return;
-    const done = this.waiters.splice(0, n);
-    this.ends.splice(0, n);
-    for (const w of done) w();
+  /**
+   * The first `n` items leave the queue: returns the callbacks of the
+   * messages that end among them (in order), and renumbers the others.
+   */
+  private takeEnded(n: number): Array<() => void> {
+    let m = 0;
+    while (m < this.ends.length && (this.ends[m] as number) <= n) m++;
+    this.ends.splice(0, m);
+    for (let i = 0; i < this.ends.length; i++) this.ends[i] = Math.max(0, (this.ends[i] as number) - n);
+    return this.waiters.splice(0, m);
   }
 
   private completeAll(): void {
@@ -470,11 +478,7 @@ export class StreamWriter {
         whole = 1;
       }
     }
-    let nDone = 0;
-    while (nDone < this.ends.length && (this.ends[nDone] as number) <= whole) nDone++;
-    const done = this.waiters.splice(0, nDone);
-    this.ends.splice(0, nDone);
-    for (let i = 0; i < this.ends.length; i++) this.ends[i] = Math.max(0, (this.ends[i] as number) - whole);
+    const done = this.takeEnded(whole);
     let bytes: Uint8Array[];
     try {
       bytes = take.map(bytesOf);

@@ -188,11 +188,14 @@ for (const mode of ['native sendmsg', 'native splice', "node's stream"] as const
         for (let j = 0; j < 1 + (msg % 3) && pos < data.length; j++) {
           const n = Math.min(next(), data.length - pos);
           if (file >= 0 && (msg + j) % 2 === 0) parts.push({ fd: file, offset: pos, length: n });
-          else parts.push(data.subarray(pos, pos + n));
+          else parts.push(Buffer.from(data.subarray(pos, pos + n)));
           pos += n;
         }
         const id = msg++;
-        pending.push(new Promise<void>((r) => writer.sendThen(parts, () => (order.push(id), r()))));
+        // Once called back, a message's buffers are the caller's again (the server reuses them):
+        // scribbling on them must not change what the peer gets.
+        const scribble = (): void => parts.forEach((p) => p instanceof Buffer && p.fill(0xa5));
+        pending.push(new Promise<void>((r) => writer.sendThen(parts, () => (order.push(id), scribble(), r()))));
       }
       if (pending.length >= 64) {
         await Promise.all(pending);
