@@ -83,7 +83,7 @@ export interface NbdBenchContext {
   rblock: string;
   env: NodeJS.ProcessEnv;
   scratch: string;
-  /** Rounds for every figure (default 2). */
+  /** Rounds for every figure (default 3). */
   rounds?: number;
   /** fio run time per sample in seconds (default 3). */
   fioSeconds?: number;
@@ -294,7 +294,7 @@ function mib(kib: number): string {
 }
 
 export async function benchNbd(ctx: NbdBenchContext): Promise<NbdBenchResult> {
-  const rounds = ctx.rounds ?? 2;
+  const rounds = ctx.rounds ?? 3;
   const fioSeconds = ctx.fioSeconds ?? 3;
   const kinds = ctx.kinds ?? new Set<Kind>(['read', 'fio', 'write']);
   const log = ctx.log;

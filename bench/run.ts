@@ -21,7 +21,8 @@
  * figure).
  *
  * Options: --rounds N, --ops-rounds N (ops figures; default 3, 1 for the
- * zlib-compressing ones), --only read|info|map|ops|nbd|<op name> (repeatable), --scratch DIR,
+ * zlib-compressing ones), --nbd-rounds N (NBD figures; default 3: a median
+ * of three, since single rounds on a shared host swing by up to 2x), --only read|info|map|ops|nbd|<op name> (repeatable), --scratch DIR,
  * --json FILE (also write the results as JSON), --rblock PATH (another
  * bin/rblock.cjs, e.g. a build of an older tree, to compare), --keep-env.
  * Images are cached in $TMPDIR/rblock-bench (or --scratch) and rebuilt when missing.
@@ -49,6 +50,7 @@ const READ_TARGET = 1.2;
 interface Args {
   rounds: number;
   opsRounds?: number;
+  nbdRounds: number;
   only: Set<string>;
   scratch: string;
   json?: string;
@@ -57,10 +59,11 @@ interface Args {
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { rounds: 5, only: new Set(), scratch: join(tmpdir(), 'rblock-bench'), keepEnv: false };
+  const a: Args = { rounds: 5, nbdRounds: 3, only: new Set(), scratch: join(tmpdir(), 'rblock-bench'), keepEnv: false };
   eachArg(argv, (k, v) => {
     if (k === '--rounds') a.rounds = Math.max(1, Number(v()));
     else if (k === '--ops-rounds') a.opsRounds = Math.max(1, Number(v()));
+    else if (k === '--nbd-rounds') a.nbdRounds = Math.max(1, Number(v()));
     else if (k === '--only') {
       const n = v();
       if (!['read', 'info', 'map', 'ops', 'nbd', ...OPS.map((o) => o.key)].includes(n)) throw new Error(`unknown --only ${n}`);
@@ -229,7 +232,7 @@ async function main(): Promise<number> {
   rows.push(...ops.rows);
   images.push(...ops.images);
   // NBD servers (issue 4): its own table and checks, see nbd.ts.
-  const nbd = want('nbd') ? await benchNbd({ rblock: RBLOCK, env: ENV, scratch: args.scratch, log }) : null;
+  const nbd = want('nbd') ? await benchNbd({ rblock: RBLOCK, env: ENV, scratch: args.scratch, rounds: args.nbdRounds, log }) : null;
   // Context for the figures: what starting node, and the rblock CLI with no work to do, cost on their own.
   const startup = async (args2: string[]): Promise<number> => {
     const xs: number[] = [];
